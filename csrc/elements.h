@@ -1,0 +1,151 @@
+// Per-element arithmetic of every nic-fast kernel.
+//
+// Each function here is the single definition of what one output element is; the
+// OpenMP loops (kernels_cpu.cpp) and the CUDA kernels (kernels_cuda.cu) only decide
+// which elements a thread computes. CPU tests therefore cover what the GPU computes.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define NIC_HD __host__ __device__ __forceinline__
+#else
+#define NIC_HD inline
+#endif
+
+namespace nic {
+
+// ---------------------------------------------------------------------------------
+// float16 storage. One rounding routine (round to nearest even) on both sides, so a
+// CPU and a GPU run produce the same bits.
+NIC_HD uint16_t float_to_half_bits(float value) {
+  union { float f; uint32_t u; } pun;
+  pun.f = value;
+  const uint32_t bits = pun.u;
+  const uint32_t sign = (bits >> 16) & 0x8000u;
+  const uint32_t abs_bits = bits & 0x7fffffffu;
+  if (abs_bits >= 0x7f800000u) {  // inf or nan
+    return static_cast<uint16_t>(sign | 0x7c00u | (abs_bits > 0x7f800000u ? 0x0200u : 0u));
+  }
+  if (abs_bits >= 0x477ff000u) {  // rounds to >= 65520: overflow to inf
+    return static_cast<uint16_t>(sign | 0x7c00u);
+  }
+  if (abs_bits < 0x38800000u) {  // below the smallest normal half: subnormal or zero
+    if (abs_bits < 0x33000000u) return static_cast<uint16_t>(sign);  // < 2^-25 rounds to 0
+    const uint32_t exponent = abs_bits >> 23;
+    const uint32_t mantissa = (abs_bits & 0x7fffffu) | 0x800000u;
+    const uint32_t shift = 126u - exponent;  // 14 .. 24
+    uint32_t half = mantissa >> shift;
+    const uint32_t rest = mantissa & ((1u << shift) - 1u);
+    const uint32_t halfway = 1u << (shift - 1u);
+    if (rest > halfway || (rest == halfway && (half & 1u))) ++half;
+    return static_cast<uint16_t>(sign | half);
+  }
+  uint32_t half = ((abs_bits - 0x38000000u) >> 13);
+  const uint32_t rest = abs_bits & 0x1fffu;
+  if (rest > 0x1000u || (rest == 0x1000u && (half & 1u))) ++half;
+  return static_cast<uint16_t>(sign | half);
+}
+
+NIC_HD float half_bits_to_float(uint16_t half) {
+  const uint32_t sign = static_cast<uint32_t>(half & 0x8000u) << 16;
+  uint32_t exponent = (half >> 10) & 0x1fu;
+  uint32_t mantissa = half & 0x3ffu;
+  uint32_t bits;
+  if (exponent == 0x1fu) {
+    bits = sign | 0x7f800000u | (mantissa << 13);
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+  } else if (mantissa == 0) {
+    bits = sign;
+  } else {  // subnormal half: normalise
+    exponent = 113u;
+    while ((mantissa & 0x400u) == 0) {
+      mantissa <<= 1;
+      --exponent;
+    }
+    bits = sign | (exponent << 23) | ((mantissa & 0x3ffu) << 13);
+  }
+  union { uint32_t u; float f; } pun;
+  pun.u = bits;
+  return pun.f;
+}
+
+template <typename T> struct Store;
+template <> struct Store<float> {
+  NIC_HD static void put(float* dst, float v) { *dst = v; }
+  NIC_HD static float get(const float* src) { return *src; }
+};
+template <> struct Store<uint16_t> {  // float16 bits
+  NIC_HD static void put(uint16_t* dst, float v) { *dst = float_to_half_bits(v); }
+  NIC_HD static float get(const uint16_t* src) { return half_bits_to_float(*src); }
+};
+
+// ---------------------------------------------------------------------------------
+// Dihedral transforms. k = rotations + 4 * mirror, 0 <= k < 8:
+//   T_k(a) = rot90(fliplr(a) if k >= 4 else a, k % 4)       (numpy's rot90: counter-clockwise)
+// Given an output pixel (y, x) of T_k(a) for a side x side patch, return the pixel of a
+// it comes from.
+NIC_HD void dihedral_source(int k, int side, int y, int x, int* src_y, int* src_x) {
+  const int last = side - 1;
+  int u, v;  // pixel of fliplr(a) (or a itself) that rot90^r puts at (y, x)
+  switch (k & 3) {
+    case 0: u = y; v = x; break;
+    case 1: u = x; v = last - y; break;
+    case 2: u = last - y; v = last - x; break;
+    default: u = last - x; v = y; break;
+  }
+  *src_y = u;
+  *src_x = (k >= 4) ? last - v : v;
+}
+
+// One channel of one output pixel of a patch: the box mean of a downsample x downsample
+// block of the uint8 HWC region, normalised as value * scale + offset.
+// (patch_y0, patch_x0) is the patch's top-left pixel in the region; (y, x) the output
+// pixel in the transformed patch of side patch_px.
+NIC_HD float patchify_value(const uint8_t* region, int64_t region_width, int channels,
+                            int64_t patch_y0, int64_t patch_x0, int patch_px, int downsample,
+                            int dihedral, int y, int x, int channel, float scale, float offset) {
+  int src_y, src_x;
+  dihedral_source(dihedral, patch_px, y, x, &src_y, &src_x);
+  const int64_t row0 = patch_y0 + static_cast<int64_t>(src_y) * downsample;
+  const int64_t col0 = patch_x0 + static_cast<int64_t>(src_x) * downsample;
+  uint32_t sum = 0;
+  for (int dy = 0; dy < downsample; ++dy) {
+    const uint8_t* row = region + ((row0 + dy) * region_width + col0) * channels + channel;
+    for (int dx = 0; dx < downsample; ++dx) sum += row[dx * channels];
+  }
+  const float mean = static_cast<float>(sum) / static_cast<float>(downsample * downsample);
+  return mean * scale + offset;  // compiled without FMA contraction on both sides
+}
+
+// ---------------------------------------------------------------------------------
+// Tissue: HSV saturation of an RGB pixel, 0 for pixels darker than black_level (pen,
+// slide edges, scanner artefacts), scaled to 0..255.
+NIC_HD uint8_t tissue_saturation(uint8_t r, uint8_t g, uint8_t b, uint8_t black_level) {
+  const uint8_t hi = r > g ? (r > b ? r : b) : (g > b ? g : b);
+  const uint8_t lo = r < g ? (r < b ? r : b) : (g < b ? g : b);
+  if (hi <= black_level || hi == 0) return 0;
+  return static_cast<uint8_t>((static_cast<uint32_t>(hi - lo) * 255u + hi / 2u) / hi);
+}
+
+// Fraction of mask pixels whose centre lies in the footprint of grid cell (i, j): the
+// square [i*stride, i*stride + size) x [j*stride, j*stride + size), in mask pixels.
+NIC_HD float cell_fraction_value(const uint8_t* mask, int64_t height, int64_t width, int64_t i,
+                                 int64_t j, float stride, float size) {
+  // pixel p is inside [a, b) when a <= p + 0.5 < b  <=>  ceil(a - 0.5) <= p < ceil(b - 0.5)
+  const float y_lo = i * stride, x_lo = j * stride;
+  int64_t y0 = static_cast<int64_t>(ceilf(y_lo - 0.5f)), y1 = static_cast<int64_t>(ceilf(y_lo + size - 0.5f));
+  int64_t x0 = static_cast<int64_t>(ceilf(x_lo - 0.5f)), x1 = static_cast<int64_t>(ceilf(x_lo + size - 0.5f));
+  const int64_t area = (y1 - y0) * (x1 - x0);
+  if (area <= 0) return 0.0f;
+  y0 = y0 < 0 ? 0 : y0; x0 = x0 < 0 ? 0 : x0;
+  y1 = y1 > height ? height : y1; x1 = x1 > width ? width : x1;
+  int64_t count = 0;
+  for (int64_t y = y0; y < y1; ++y)
+    for (int64_t x = x0; x < x1; ++x) count += mask[y * width + x] != 0;
+  return static_cast<float>(count) / static_cast<float>(area);
+}
+
+}  // namespace nic

@@ -1,0 +1,51 @@
+// Kernel entry points. Arguments arrive already validated (bindings.h); these
+// functions only compute. CPU versions in kernels_cpu.cpp, CUDA versions in
+// kernels_cuda.cu, both built on the element functions of elements.h.
+#pragma once
+
+#include <cstdint>
+
+namespace nic {
+
+constexpr int kMaxChannels = 4;
+
+struct PatchifyArgs {
+  const std::uint8_t* region;  // (region_height, region_width, channels) uint8
+  std::int64_t region_height, region_width;
+  int channels;
+  const std::int32_t* cells;  // (n_cells, 2): top-left (y, x) of each patch in the region
+  std::int64_t n_cells;
+  void* out;                  // (n_cells, channels, patch_px, patch_px) float32 or float16
+  bool out_half;
+  bool out_channels_last;
+  int patch_px, downsample, dihedral;
+  float scale[kMaxChannels], offset[kMaxChannels];
+};
+
+struct ScatterArgs {
+  const void* embeddings;  // (n_cells, code_size) float32 or float16
+  bool embeddings_half;
+  const std::int32_t* cells;  // (n_cells, 2): grid (i, j)
+  std::int64_t n_cells, code_size;
+  void* grid;  // (grid_height, grid_width, code_size) float32 or float16
+  bool grid_half;
+  std::int64_t grid_height, grid_width;
+};
+
+void patchify_cpu(const PatchifyArgs& args);
+void scatter_cpu(const ScatterArgs& args);
+
+// Tissue detection on a thumbnail (CPU only: a thumbnail is small).
+struct TissueMaskArgs {
+  const std::uint8_t* rgb;  // (height, width, 3)
+  std::uint8_t* mask;       // (height, width), 0/1
+  std::int64_t height, width;
+  int black_level;          // pixels with max(R,G,B) <= this are not tissue
+  int min_threshold;        // floor on the Otsu saturation threshold (blank slides)
+  std::int64_t min_object_px, max_hole_px;
+};
+int tissue_mask_cpu(const TissueMaskArgs& args);  // returns the saturation threshold used
+void cell_fraction_cpu(const std::uint8_t* mask, std::int64_t height, std::int64_t width, float* out,
+                       std::int64_t grid_height, std::int64_t grid_width, float stride_px, float size_px);
+
+}  // namespace nic

@@ -1,0 +1,146 @@
+// OpenMP loops over the element functions of elements.h.
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include "elements.h"
+#include "kernels.h"
+
+namespace nic {
+
+namespace {
+
+template <typename Out>
+void patchify_loop(const PatchifyArgs& a) {
+  Out* out = static_cast<Out*>(a.out);
+  const std::int64_t P = a.patch_px, C = a.channels;
+#pragma omp parallel for schedule(static) collapse(2)
+  for (std::int64_t n = 0; n < a.n_cells; ++n) {
+    for (std::int64_t y = 0; y < P; ++y) {
+      const std::int64_t y0 = a.cells[2 * n], x0 = a.cells[2 * n + 1];
+      for (std::int64_t x = 0; x < P; ++x) {
+        for (std::int64_t c = 0; c < C; ++c) {
+          const float v = patchify_value(a.region, a.region_width, a.channels, y0, x0, a.patch_px, a.downsample,
+                                         a.dihedral, static_cast<int>(y), static_cast<int>(x), static_cast<int>(c),
+                                         a.scale[c], a.offset[c]);
+          const std::int64_t index = a.out_channels_last ? ((n * P + y) * P + x) * C + c : ((n * C + c) * P + y) * P + x;
+          Store<Out>::put(out + index, v);
+        }
+      }
+    }
+  }
+}
+
+template <typename In, typename Out>
+void scatter_loop(const ScatterArgs& a) {
+  const In* emb = static_cast<const In*>(a.embeddings);
+  Out* grid = static_cast<Out*>(a.grid);
+#pragma omp parallel for schedule(static)
+  for (std::int64_t n = 0; n < a.n_cells; ++n) {
+    const std::int64_t base = (static_cast<std::int64_t>(a.cells[2 * n]) * a.grid_width + a.cells[2 * n + 1]) * a.code_size;
+    for (std::int64_t c = 0; c < a.code_size; ++c) Store<Out>::put(grid + base + c, Store<In>::get(emb + n * a.code_size + c));
+  }
+}
+
+int otsu_threshold(const std::array<std::int64_t, 256>& hist) {
+  std::int64_t total = 0;
+  double sum_all = 0.0;
+  for (int t = 0; t < 256; ++t) {
+    total += hist[t];
+    sum_all += static_cast<double>(t) * hist[t];
+  }
+  double best_var = -1.0, sum_low = 0.0;
+  std::int64_t count_low = 0;
+  int best = 0;
+  for (int t = 0; t < 256; ++t) {  // class "low" = values <= t
+    count_low += hist[t];
+    sum_low += static_cast<double>(t) * hist[t];
+    const std::int64_t count_high = total - count_low;
+    if (count_low == 0 || count_high == 0) continue;
+    const double mean_low = sum_low / count_low, mean_high = (sum_all - sum_low) / count_high;
+    const double var = static_cast<double>(count_low) * count_high * (mean_low - mean_high) * (mean_low - mean_high);
+    if (var > best_var) {
+      best_var = var;
+      best = t;
+    }
+  }
+  return best;
+}
+
+// Sets to `fill` every 8-connected component of pixels equal to `value` that has fewer
+// than `max_px` pixels; with `keep_border`, components touching the image border stay
+// (background around the tissue is not a hole).
+void clear_small_components(std::uint8_t* mask, std::int64_t h, std::int64_t w, std::uint8_t value, std::uint8_t fill,
+                            std::int64_t max_px, bool keep_border) {
+  if (max_px <= 0) return;
+  std::vector<std::uint8_t> seen(static_cast<size_t>(h * w), 0);
+  std::vector<std::int64_t> component, stack;
+  for (std::int64_t start = 0; start < h * w; ++start) {
+    if (seen[start] || mask[start] != value) continue;
+    component.clear();
+    stack.assign(1, start);
+    seen[start] = 1;
+    bool touches_border = false;
+    while (!stack.empty()) {
+      const std::int64_t p = stack.back();
+      stack.pop_back();
+      component.push_back(p);
+      const std::int64_t y = p / w, x = p % w;
+      touches_border |= (y == 0 || x == 0 || y == h - 1 || x == w - 1);
+      for (std::int64_t dy = -1; dy <= 1; ++dy) {
+        for (std::int64_t dx = -1; dx <= 1; ++dx) {
+          const std::int64_t ny = y + dy, nx = x + dx;
+          if (ny < 0 || nx < 0 || ny >= h || nx >= w) continue;
+          const std::int64_t q = ny * w + nx;
+          if (!seen[q] && mask[q] == value) {
+            seen[q] = 1;
+            stack.push_back(q);
+          }
+        }
+      }
+    }
+    if (static_cast<std::int64_t>(component.size()) < max_px && !(keep_border && touches_border))
+      for (std::int64_t p : component) mask[p] = fill;
+  }
+}
+
+}  // namespace
+
+void patchify_cpu(const PatchifyArgs& args) {
+  if (args.out_half) patchify_loop<std::uint16_t>(args);
+  else patchify_loop<float>(args);
+}
+
+void scatter_cpu(const ScatterArgs& args) {
+  if (args.embeddings_half) {
+    if (args.grid_half) scatter_loop<std::uint16_t, std::uint16_t>(args);
+    else scatter_loop<std::uint16_t, float>(args);
+  } else {
+    if (args.grid_half) scatter_loop<float, std::uint16_t>(args);
+    else scatter_loop<float, float>(args);
+  }
+}
+
+int tissue_mask_cpu(const TissueMaskArgs& a) {
+  const std::int64_t n = a.height * a.width;
+#pragma omp parallel for schedule(static)
+  for (std::int64_t p = 0; p < n; ++p)
+    a.mask[p] = tissue_saturation(a.rgb[3 * p], a.rgb[3 * p + 1], a.rgb[3 * p + 2], static_cast<std::uint8_t>(a.black_level));
+  std::array<std::int64_t, 256> hist{};
+  for (std::int64_t p = 0; p < n; ++p) ++hist[a.mask[p]];
+  const int threshold = std::max(otsu_threshold(hist), a.min_threshold);
+  for (std::int64_t p = 0; p < n; ++p) a.mask[p] = a.mask[p] > threshold ? 1 : 0;
+  clear_small_components(a.mask, a.height, a.width, 1, 0, a.min_object_px, false);
+  clear_small_components(a.mask, a.height, a.width, 0, 1, a.max_hole_px, true);
+  return threshold;
+}
+
+void cell_fraction_cpu(const std::uint8_t* mask, std::int64_t height, std::int64_t width, float* out,
+                       std::int64_t grid_height, std::int64_t grid_width, float stride_px, float size_px) {
+#pragma omp parallel for schedule(static) collapse(2)
+  for (std::int64_t i = 0; i < grid_height; ++i)
+    for (std::int64_t j = 0; j < grid_width; ++j)
+      out[i * grid_width + j] = cell_fraction_value(mask, height, width, i, j, stride_px, size_px);
+}
+
+}  // namespace nic

@@ -1,0 +1,86 @@
+// nic_fast._C: the CPU kernels. Always built; needs no CUDA at run time.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "bindings.h"
+#include "kernels.h"
+
+namespace py = pybind11;
+using nic::TensorView;
+
+namespace {
+
+void patchify(py::object region, py::object cells, py::object out, int downsample, int dihedral,
+              const std::vector<float>& scale, const std::vector<float>& offset) {
+  TensorView r(std::move(region), "region"), c(std::move(cells), "cells"), o(std::move(out), "out");
+  const nic::PatchifyArgs args = nic::patchify_args(r, c, o, downsample, dihedral, scale, offset, false);
+  py::gil_scoped_release release;
+  nic::patchify_cpu(args);
+}
+
+void scatter(py::object embeddings, py::object cells, py::object grid) {
+  TensorView e(std::move(embeddings), "embeddings"), c(std::move(cells), "cells"), g(std::move(grid), "grid");
+  const nic::ScatterArgs args = nic::scatter_args(e, c, g, false);
+  py::gil_scoped_release release;
+  nic::scatter_cpu(args);
+}
+
+int tissue_mask(py::object rgb, py::object mask, int black_level, int min_threshold, std::int64_t min_object_px,
+                std::int64_t max_hole_px) {
+  TensorView t(std::move(rgb), "thumbnail"), m(std::move(mask), "mask");
+  t.expect_dtype({nic::Dtype::uint8}).expect_ndim(3).expect_size(2, 3, "RGB").expect_contiguous().expect_device(false);
+  m.expect_dtype({nic::Dtype::uint8, nic::Dtype::boolean}).expect_ndim(2).expect_contiguous().expect_device(false);
+  m.expect_size(0, t.size(0), "height of the thumbnail").expect_size(1, t.size(1), "width of the thumbnail");
+  if (black_level < 0 || black_level > 255 || min_threshold < 0 || min_threshold > 255)
+    throw py::value_error("tissue_mask: black_level and min_threshold must be in 0..255");
+  const nic::TissueMaskArgs args{t.data<std::uint8_t>(), m.data<std::uint8_t>(), t.size(0), t.size(1),
+                                 black_level, min_threshold, min_object_px, max_hole_px};
+  py::gil_scoped_release release;
+  return nic::tissue_mask_cpu(args);
+}
+
+void cell_fraction(py::object mask, py::object out, float stride_px, float size_px) {
+  TensorView m(std::move(mask), "mask"), o(std::move(out), "out");
+  m.expect_dtype({nic::Dtype::uint8, nic::Dtype::boolean}).expect_ndim(2).expect_contiguous().expect_device(false);
+  o.expect_dtype({nic::Dtype::float32}).expect_ndim(2).expect_contiguous().expect_device(false);
+  if (!(stride_px > 0.0f) || !(size_px > 0.0f)) throw py::value_error("cell_fraction: stride_px and size_px must be > 0");
+  const std::uint8_t* mask_data = m.data<std::uint8_t>();
+  const std::int64_t h = m.size(0), w = m.size(1), gh = o.size(0), gw = o.size(1);
+  float* out_data = o.data<float>();
+  py::gil_scoped_release release;
+  nic::cell_fraction_cpu(mask_data, h, w, out_data, gh, gw, stride_px, size_px);
+}
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "nic-fast CPU kernels (OpenMP). Arrays cross by DLPack, without copies.";
+  m.def("patchify", &patchify, py::arg("region"), py::arg("cells"), py::arg("out"), py::arg("downsample"),
+        py::arg("dihedral"), py::arg("scale"), py::arg("offset"),
+        "uint8 HWC region + (N, 2) int32 top-left pixels -> out (N, C, P, P) float32/float16, NCHW or channels-last.");
+  m.def("scatter", &scatter, py::arg("embeddings"), py::arg("cells"), py::arg("grid"),
+        "(N, C) embeddings + (N, 2) int32 grid cells -> their places in an (H, W, C) grid.");
+  m.def("tissue_mask", &tissue_mask, py::arg("rgb"), py::arg("mask"), py::arg("black_level"),
+        py::arg("min_threshold"), py::arg("min_object_px"), py::arg("max_hole_px"),
+        "Saturation/Otsu tissue mask with small-object and small-hole clean-up; returns the threshold.");
+  m.def("cell_fraction", &cell_fraction, py::arg("mask"), py::arg("out"), py::arg("stride_px"), py::arg("size_px"),
+        "Per-cell fraction of mask pixels, footprints in mask pixels.");
+  m.def("max_threads", &max_threads, "OpenMP threads the kernels use.");
+#ifdef _OPENMP
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
+}
