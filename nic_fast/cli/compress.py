@@ -1,0 +1,87 @@
+"""`nic-fast compress`: a thin CLI over :class:`nic_fast.compress.Compressor`."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from nic_fast.compress import CompressOptions, Compressor, SlideResult
+
+
+def _results_table(results: list[SlideResult]) -> Table:
+    table = Table(title="nic-fast compress")
+    for column in ("slide", "status", "grid", "tissue", "patches", "seconds", "patches/s", "reason"):
+        table.add_column(column, overflow="fold")
+    style = {"ok": "green", "skipped": "yellow", "failed": "bold red"}
+    for r in results:
+        table.add_row(Path(r.slide).name, f"[{style[r.status]}]{r.status}",
+                      "×".join(map(str, r.grid_shape)) if r.grid_shape else "",
+                      f"{r.tissue_fraction:.0%}" if r.tissue_fraction is not None else "", str(r.patches),
+                      f"{r.seconds:.1f}", f"{r.patches_per_s:.0f}" if r.patches else "", r.reason)
+    return table
+
+
+@click.command()
+@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the stores (<slide-stem>.zarr) and summary.json.")
+@click.option("--encoder", default="mean-rgb", show_default=True, help="Built-in name or encoder file (.pt, .pt2).")
+@click.option("--mpp", default=0.5, show_default=True, type=float, help="Working resolution in µm/px.")
+@click.option("--patch-px", type=int, default=None, help="Patch side in px [default: the encoder's input size, 128].")
+@click.option("--stride-px", type=int, default=None, help="Grid stride in px [default: the patch size].")
+@click.option("--augment/--no-augment", default=False, show_default=True,
+              help="Also compress the 8 dihedral variants (A = 8).")
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1),
+              help="Reader threads per slide, each with its own slide handle.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--slide-mpp", type=float, default=None, help="Scanned µm/px for all given slides (overrides metadata).")
+@click.option("--slide-mpp-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="CSV with columns slide,mpp giving each slide's scanned µm/px.")
+@click.option("--min-tissue", default=0.1, show_default=True, type=click.FloatRange(0, 1),
+              help="Tissue fraction a cell needs to be encoded.")
+@click.option("--background", type=click.Choice(["blank", "zero"]), default="blank", show_default=True,
+              help="What background cells hold: the embedding of a white patch, or zeros.")
+@click.option("--overwrite", is_flag=True, help="Recompress slides whose store is already complete.")
+def compress(slides: tuple[Path, ...], out_dir: Path, encoder: str, mpp: float, patch_px: int | None,
+             stride_px: int | None, augment: bool, batch_size: int, workers: int, device: str,
+             slide_mpp: float | None, slide_mpp_csv: Path | None, min_tissue: float, background: str,
+             overwrite: bool) -> None:
+    """Compress whole-slide images into latent grids, one Zarr store per slide.
+
+    A failed slide is reported and skipped; the exit code is 1 when any slide failed.
+    """
+    options = CompressOptions(encoder=encoder, mpp=mpp, patch_px=patch_px, stride_px=stride_px, augment=augment,
+                              batch_size=batch_size, workers=workers, device=device, slide_mpp=slide_mpp,
+                              slide_mpp_csv=slide_mpp_csv, overwrite=overwrite, min_tissue=min_tissue,
+                              background=background)
+    console = Console(stderr=True)
+    try:
+        compressor = Compressor(options)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        slides_task = bar.add_task("slides", total=len(slides))
+        patches_task = bar.add_task("patches", total=None)
+
+        def on_start(slide: Path, patches: int) -> None:
+            bar.reset(patches_task, total=patches, description=f"patches of {slide.name}")
+
+        def on_done(result: SlideResult) -> None:
+            bar.advance(slides_task)
+            if result.status == "failed":
+                console.print(f"[bold red]failed[/] {result.slide}: {result.reason}")
+
+        results = compressor.run(list(slides), out_dir, on_slide_start=on_start,
+                                 progress=lambda n: bar.advance(patches_task, n), on_slide_done=on_done)
+    Console().print(_results_table(results))
+    console.print(f"summary: {out_dir / 'summary.json'}")
+    if any(r.status == "failed" for r in results):
+        sys.exit(1)

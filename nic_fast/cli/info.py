@@ -1,0 +1,44 @@
+"""`nic-fast info`: what a store holds, without loading its embeddings."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from nic_fast.store import StoreError, open_store
+
+
+@click.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the full nic_fast attributes as JSON.")
+def info(store: Path, as_json: bool) -> None:
+    """Print a compressed store's metadata, grid shape and tissue fraction."""
+    try:
+        slide = open_store(store)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(slide.attrs, indent=2))
+        return
+    a = slide.attrs
+    table = Table(title=str(store), show_header=False)
+    rows = [
+        ("source", f"{a['source']['name']} ({a['source']['reader']})"),
+        ("grid (H' × W')", f"{slide.grid_shape[0]} × {slide.grid_shape[1]}"),
+        ("variants A", str(slide.variants)),
+        ("code size C", str(slide.code_size)),
+        ("encoder", f"{a['encoder']['name']} ({a['encoder']['sha256'][:12]})"),
+        ("µm/px", f"{a['mpp']:.4g} (level {a['level']}, ×{a['downsample']} box downsample; scanned {a['scanned_mpp']:.4g})"),
+        ("patch / stride px", f"{a['patch_px']} / {a['stride_px']}"),
+        ("tissue fraction", f"{a['tissue_fraction']:.1%} ({int(slide.tissue.sum())} cells)"),
+        ("valid fraction", f"{slide.valid.mean():.1%}"),
+        ("thumbnail", "×".join(map(str, slide.thumbnail.shape))),
+        ("seconds", f"{a['timings']['total_s']:.2f}"),
+        ("status", a["status"]),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    Console().print(table)
