@@ -384,8 +384,8 @@ class Compressor:
             y0, x0 = grid.level_origin(int(i_min), int(j_min))
             height = (int(i_max - i_min)) * grid.level_stride_px + grid.level_patch_px
             width = (int(j_max - j_min)) * grid.level_stride_px + grid.level_patch_px
-            level_px = ((cells - (i_min, j_min)) * grid.level_stride_px).astype(np.int32)
-            local_cells = (cells - (work.tile.i0, work.tile.j0)).astype(np.int32)
+            level_px = np.ascontiguousarray((cells - (i_min, j_min)) * grid.level_stride_px, dtype=np.int32)
+            local_cells = np.ascontiguousarray(cells - (work.tile.i0, work.tile.j0), dtype=np.int32)
             try:
                 pixels = thread_reader().read_region(level, y0, x0, height, width)
             except Exception as exc:  # noqa: BLE001 - a decode error costs these cells, not the slide
