@@ -272,7 +272,7 @@ class Compressor:
         t0 = time.perf_counter()
         try:
             result = self._compress(slide, final, on_start, progress)
-        except (SlideError, OSError, ValueError, RuntimeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
             log.debug("slide %s failed", slide, exc_info=True)
             return SlideResult(str(slide), "failed", f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - t0)
         result.seconds = time.perf_counter() - t0
