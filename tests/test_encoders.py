@@ -11,9 +11,8 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from nic_fast.encoders.builtin import build_builtin, builtin_encoders
-from nic_fast.encoders.files import load_encoder, save_encoder
-from nic_fast.encoders.spec import EncoderError, EncoderSpec, weights_sha256
+from nic_fast.encoders import EncoderError, EncoderSpec, builtin_encoders, load_encoder, save_encoder, weights_sha256
+from nic_fast.encoders.builtin import build_builtin
 
 
 class TinyConv(nn.Module):

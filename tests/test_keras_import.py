@@ -19,9 +19,8 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
-from nic_fast.encoders.files import load_encoder
+from nic_fast.encoders import EncoderError, load_encoder
 from nic_fast.encoders.keras import convert_keras, import_keras
-from nic_fast.encoders.spec import EncoderError
 
 PAPER_CONV_ENCODERS = ("encoder_bigan.h5", "encoder_multitask-4.h5")
 LEAKY_ALPHA = 0.2
