@@ -5,6 +5,7 @@ import json
 import warnings
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 import torch
@@ -241,21 +242,23 @@ def test_input_shape_and_device_are_checked() -> None:
 
 
 @pytest.fixture
-def cli():  # noqa: ANN201 - the click group
+def cli() -> click.Group:
+    """The `encoders` group, imported here so a broken sibling command fails only these tests."""
     from nic_fast.cli.encoders import encoders
 
     return encoders
 
 
-def test_cli_list(cli) -> None:  # noqa: ANN001
+def test_cli_list(cli: click.Group) -> None:
     result = CliRunner().invoke(cli, ["list"])
     assert result.exit_code == 0, result.output
     assert "mean-rgb" in result.output and "µm/px" in result.output
 
 
-def test_cli_import_and_show(cli, paper_encoders: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_cli_import_and_show(cli: click.Group, paper_encoders: Path, tmp_path: Path) -> None:
     out = tmp_path / "bigan.pt2"
-    result = CliRunner().invoke(cli, ["import-keras", str(paper_encoders / "encoder_bigan.h5"), "-o", str(out), "--name", "bigan-paper"])
+    h5_path = paper_encoders / "encoder_bigan.h5"
+    result = CliRunner().invoke(cli, ["import-keras", str(h5_path), "-o", str(out), "--name", "bigan-paper"])
     assert result.exit_code == 0, result.output
     shown = CliRunner().invoke(cli, ["show", str(out)])
     assert shown.exit_code == 0, shown.output
@@ -264,11 +267,12 @@ def test_cli_import_and_show(cli, paper_encoders: Path, tmp_path: Path) -> None:
     assert spec.sha256[:12] in result.output
 
 
-def test_cli_errors(cli, paper_encoders: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_cli_errors(cli: click.Group, paper_encoders: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     unknown = runner.invoke(cli, ["show", "no-such-encoder"])
     assert unknown.exit_code == 1 and "not a built-in (mean-rgb)" in unknown.output
-    wrong_suffix = runner.invoke(cli, ["import-keras", str(paper_encoders / "encoder_bigan.h5"), "-o", str(tmp_path / "x.onnx")])
+    h5_path = paper_encoders / "encoder_bigan.h5"
+    wrong_suffix = runner.invoke(cli, ["import-keras", str(h5_path), "-o", str(tmp_path / "x.onnx")])
     assert wrong_suffix.exit_code == 2 and ".pt or .pt2" in wrong_suffix.output
     not_keras = tmp_path / "x.h5"
     not_keras.write_bytes(b"nope")

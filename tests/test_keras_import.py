@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -80,7 +82,9 @@ def _relative_error(out: np.ndarray, ref: np.ndarray) -> float:
 
 @pytest.mark.parametrize("suffix", [".pt", ".pt2"])
 @pytest.mark.parametrize("h5_name", PAPER_CONV_ENCODERS)
-def test_converted_encoder_matches_numpy_keras_forward(paper_encoders: Path, tmp_path: Path, h5_name: str, suffix: str) -> None:
+def test_converted_encoder_matches_numpy_keras_forward(
+    paper_encoders: Path, tmp_path: Path, h5_name: str, suffix: str
+) -> None:
     h5_path = paper_encoders / h5_name
     spec = import_keras(h5_path, tmp_path / f"enc{suffix}")
     encoder = load_encoder(tmp_path / f"enc{suffix}")
@@ -125,7 +129,10 @@ def test_mean_rgb_h5_is_the_paper_mean_rgb_on_minus_one_to_one(paper_encoders: P
     np.testing.assert_allclose(out, patch.reshape(-1, 3).mean(axis=0) / 255.0 * 2.0 - 1.0, rtol=0, atol=1e-6)
 
 
-def _edited_copy(paper_encoders: Path, tmp_path: Path, edit) -> Path:  # noqa: ANN001 - edit: dict -> None
+LayersEdit = Callable[[list[dict[str, Any]]], object]
+
+
+def _edited_copy(paper_encoders: Path, tmp_path: Path, edit: LayersEdit) -> Path:
     """A copy of the multitask file with its model_config edited."""
     path = tmp_path / "edited.h5"
     shutil.copy(paper_encoders / "encoder_multitask-4.h5", path)
@@ -145,7 +152,9 @@ def _edited_copy(paper_encoders: Path, tmp_path: Path, edit) -> Path:  # noqa: A
         (lambda layers: layers[0]["config"].update(batch_input_shape=[None, 96, 96, 3]), r"96×96"),
     ],
 )
-def test_wrong_architecture_is_refused(paper_encoders: Path, tmp_path: Path, edit, message: str) -> None:  # noqa: ANN001
+def test_wrong_architecture_is_refused(
+    paper_encoders: Path, tmp_path: Path, edit: LayersEdit, message: str
+) -> None:
     path = _edited_copy(paper_encoders, tmp_path, edit)
     with pytest.raises(EncoderError, match=message):
         import_keras(path, tmp_path / "out.pt")

@@ -78,7 +78,9 @@ def load_encoder(name_or_path: str | os.PathLike[str], device: str | torch.devic
             "and no such file"
         )
     if path.suffix == ".h5":
-        raise EncoderError(f"{path} is a Keras file; convert it first with `nic-fast encoders import-keras {path} -o FILE.pt`")
+        raise EncoderError(
+            f"{path} is a Keras file; convert it first with `nic-fast encoders import-keras {path} -o FILE.pt`"
+        )
     if path.suffix not in SUFFIXES:
         raise EncoderError(f"{path}: encoder files end in .pt (TorchScript) or .pt2 (torch.export); {_HOW_TO_MAKE}")
     module, metadata = _load_pt(path) if path.suffix == ".pt" else _load_pt2(path)

@@ -58,7 +58,9 @@ class KerasModel:
     keras_version: str
 
 
-def import_keras(h5_path: str | os.PathLike[str], out_path: str | os.PathLike[str], name: str | None = None) -> EncoderSpec:
+def import_keras(
+    h5_path: str | os.PathLike[str], out_path: str | os.PathLike[str], name: str | None = None
+) -> EncoderSpec:
     """Convert a paper Keras encoder to ``out_path`` (.pt or .pt2); returns the spec written."""
     module, spec = convert_keras(h5_path, name)
     save_encoder(module, spec, out_path)
@@ -121,7 +123,9 @@ def read_keras(h5_path: Path) -> KerasModel:
         return KerasModel(input_hwc, layers, _text(h5.attrs.get("keras_version", "unknown")))
 
 
-def _layer_chain(file_name: str, config: dict[str, Any], root: h5py.Group) -> tuple[list[KerasLayer], tuple[int, int, int]]:
+def _layer_chain(
+    file_name: str, config: dict[str, Any], root: h5py.Group
+) -> tuple[list[KerasLayer], tuple[int, int, int]]:
     """Flatten the model into one chain; a nested Sequential (as in the BiGAN file) is expanded in place.
 
     Top-level layers keep their weights in their own group; a nested Sequential keeps all
@@ -232,13 +236,12 @@ class _Mismatch(Exception):
     """A layer config outside what the converter reproduces exactly."""
 
 
-def _require(config: _Config, key: str, allowed: tuple[Any, ...]) -> Any:
+def _require(config: _Config, key: str, allowed: tuple[Any, ...]) -> None:
     value = config.get(key)
     if isinstance(value, list):
         value = tuple(value)
     if value not in allowed:
         raise _Mismatch(f"{key} = {value!r}, supported: {', '.join(map(repr, allowed))}")
-    return value
 
 
 def _take(weights: _Weights, param: str, shape: tuple[int, ...]) -> torch.Tensor:

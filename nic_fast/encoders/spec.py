@@ -171,7 +171,9 @@ class Encoder:
         spec = self.spec
         expected = (spec.channels, spec.input_px, spec.input_px)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise EncoderError(f"encoder {spec.name!r} takes (N, {', '.join(map(str, expected))}) patches, got {tuple(x.shape)}")
+            raise EncoderError(
+                f"encoder {spec.name!r} takes (N, {', '.join(map(str, expected))}) patches, got {tuple(x.shape)}"
+            )
         if x.device != self.device:
             raise EncoderError(f"encoder {spec.name!r} is on {self.device}, input is on {x.device}; move one of them")
         x = x.to(dtype=self.dtype).contiguous(memory_format=torch.channels_last)
