@@ -5,6 +5,8 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 NIC     := $(VENV)/bin/nic-fast
 DEMO    ?= demo-out
+# The paper's BiGAN encoder, when the reference data sits beside the checkout.
+BIGAN_H5 ?= ../shared/data/nic-paper-encoders/encoder_bigan.h5
 
 .PHONY: install test demo bench clean
 
@@ -26,8 +28,11 @@ test: install
 	$(PY) -m pytest -q
 
 demo: install
-	$(NIC) synth slides -o $(DEMO)/slides --n 4 --size 6144 --seed 0
-	$(NIC) compress $(DEMO)/slides/*.tif -o $(DEMO)/compressed --augment
+	$(NIC) synth slides -o $(DEMO)/slides --n 4 --size 4096 --seed 0
+	if [ -f $(BIGAN_H5) ]; then \
+	  $(NIC) encoders import-keras $(BIGAN_H5) -o $(DEMO)/bigan.pt && encoder=$(DEMO)/bigan.pt; \
+	else encoder=mean-rgb; fi; \
+	$(NIC) compress $(DEMO)/slides/*.tif -o $(DEMO)/compressed --augment --encoder $$encoder
 	$(NIC) info $(DEMO)/compressed/slide_000.zarr
 
 bench: install
