@@ -37,7 +37,7 @@ REFERENCE_MPP = 0.5  # `size_px` of write_synthetic_slides is given at this µm/
 LAYOUT_UM = 16.0  # µm per cell of the tissue/lesion layout
 _RESOLUTION_UM = {"centimeter": 1e4, "inch": 25400.0, "none": 1e4}
 _TIFF_RESUNIT = {"centimeter": "CENTIMETER", "inch": "INCH", "none": "NONE"}
-_BIGTIFF_RAW_BYTES = 2**32  # JPEG never expands RGB, so below this a classic TIFF fits
+_BIGTIFF_RAW_BYTES = 2**32  # JPEG at these qualities is far smaller than raw RGB: a classic TIFF fits
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -280,10 +280,11 @@ def _make_layout(height_um: float, width_um: float, seed: int, lesion: bool) -> 
     shape = (math.ceil(height_um / LAYOUT_UM) + 1, math.ceil(width_um / LAYOUT_UM) + 1)
     rng = np.random.default_rng([seed, 0])
     short = min(shape)
-    pad = int(short * 0.5)  # the FFT filter is periodic: pad so blobs do not wrap around
+    pad = short // 2  # the FFT filter is periodic: pad so blobs do not wrap around
     padded = (shape[0] + 2 * pad, shape[1] + 2 * pad)
-    coarse = _smooth_noise(rng, padded, 0.12 * short)[pad:-pad, pad:-pad]
-    ragged = _smooth_noise(rng, padded, 100.0 / LAYOUT_UM)[pad:-pad, pad:-pad]
+    inner = (slice(pad, pad + shape[0]), slice(pad, pad + shape[1]))
+    coarse = _smooth_noise(rng, padded, 0.12 * short)[inner]
+    ragged = _smooth_noise(rng, padded, 100.0 / LAYOUT_UM)[inner]
     edge_cells = np.minimum.outer(
         np.minimum(np.arange(shape[0]), np.arange(shape[0])[::-1]),
         np.minimum(np.arange(shape[1]), np.arange(shape[1])[::-1]),
@@ -307,7 +308,7 @@ def _make_lesion(tissue: _Field, seed: int) -> _Field:
     radius = math.sqrt(fraction * inside.sum() / (n_blobs * math.pi))
     rows, cols = np.indices(tissue.values.shape, dtype=np.float32)
     bumps = np.zeros_like(tissue.values)
-    for r, c in deep[rng.choice(len(deep), size=n_blobs, replace=False)]:
+    for r, c in deep[rng.choice(len(deep), size=min(n_blobs, len(deep)), replace=False)]:
         bumps = np.maximum(bumps, np.exp(-((rows - r) ** 2 + (cols - c) ** 2) / (2 * (0.9 * radius) ** 2)))
     wobble = _smooth_noise(rng, tissue.values.shape, 60.0 / LAYOUT_UM)
     values = (bumps * (1.0 + 0.25 * wobble)).astype(np.float32)
@@ -477,6 +478,8 @@ def write_synthetic_slide(
     The layout depends on the seed and the physical size (height * mpp, width * mpp)
     only, so the same seed at 0.25 µm/px and twice the pixels gives the same tissue.
     """
+    if min(height, width) < 256:
+        raise ValueError(f"synthetic slides need at least 256 px per side for tissue and lesion to show, got {height}x{width}")
     path = Path(path)
     layout = _make_layout(height * mpp, width * mpp, seed, lesion)
     downsamples = [ds for ds, _, _ in pyramid_dims(height, width)]
