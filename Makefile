@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml CMakeLists.txt $(wildcard csrc/*.h csrc/*.cpp
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-deps cucim-cu13
 	$(PY) -m pip install -q scikit-build-core pybind11 numpy click lazy-loader
-	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,dali]'
 	touch $@
 
 test: install
