@@ -37,6 +37,7 @@ REFERENCE_MPP = 0.5  # `size_px` of write_synthetic_slides is given at this µm/
 LAYOUT_UM = 16.0  # µm per cell of the tissue/lesion layout
 _RESOLUTION_UM = {"centimeter": 1e4, "inch": 25400.0, "none": 1e4}
 _TIFF_RESUNIT = {"centimeter": "CENTIMETER", "inch": "INCH", "none": "NONE"}
+_COMPRESS_BUFFER_BYTES = 2**26  # raw tiles tifffile gathers per parallel compression pass
 _BIGTIFF_RAW_BYTES = 2**32  # JPEG at these qualities is far smaller than raw RGB: a classic TIFF fits
 
 T = TypeVar("T")
@@ -116,6 +117,7 @@ def write_pyramid_tiff(
                 subfiletype=0 if ds == 1 else 1,
                 metadata=None,
                 maxworkers=workers,
+                buffersize=_COMPRESS_BUFFER_BYTES,
                 **_mpp_tags(mpp, ds, width, height, tile_px, jpeg_quality, mpp_metadata, resolution_unit),
             )
     return [(h, w) for _, h, w in levels]
