@@ -10,18 +10,24 @@ namespace nic {
 
 namespace {
 
-template <typename Out>
+// kChannels, kDownsample and kDihedral are compile-time copies of the arguments for
+// the common cases (RGB, downsample 1 or 2, every transform), so that after inlining
+// the element function's box loop, transform switch and channel loop fold away;
+// 0 / -1 mean "read it from args".
+template <typename Out, int kChannels, int kDownsample, int kDihedral>
 void patchify_loop(const PatchifyArgs& a) {
   Out* out = static_cast<Out*>(a.out);
-  const std::int64_t P = a.patch_px, C = a.channels;
+  const std::int64_t P = a.patch_px, C = kChannels > 0 ? kChannels : a.channels;
+  const int downsample = kDownsample > 0 ? kDownsample : a.downsample;
+  const int dihedral = kDihedral >= 0 ? kDihedral : a.dihedral;
 #pragma omp parallel for schedule(static) collapse(2)
   for (std::int64_t n = 0; n < a.n_cells; ++n) {
     for (std::int64_t y = 0; y < P; ++y) {
       const std::int64_t y0 = a.cells[2 * n], x0 = a.cells[2 * n + 1];
       for (std::int64_t x = 0; x < P; ++x) {
         for (std::int64_t c = 0; c < C; ++c) {
-          const float v = patchify_value(a.region, a.region_width, a.channels, y0, x0, a.patch_px, a.downsample,
-                                         a.dihedral, static_cast<int>(y), static_cast<int>(x), static_cast<int>(c),
+          const float v = patchify_value(a.region, a.region_width, a.channels, y0, x0, a.patch_px, downsample,
+                                         dihedral, static_cast<int>(y), static_cast<int>(x), static_cast<int>(c),
                                          a.scale[c], a.offset[c]);
           const std::int64_t index = a.out_channels_last ? ((n * P + y) * P + x) * C + c : ((n * C + c) * P + y) * P + x;
           Store<Out>::put(out + index, v);
@@ -29,6 +35,28 @@ void patchify_loop(const PatchifyArgs& a) {
       }
     }
   }
+}
+
+template <typename Out, int kChannels, int kDownsample>
+void patchify_dispatch_dihedral(const PatchifyArgs& a) {
+  switch (a.dihedral) {
+    case 0: return patchify_loop<Out, kChannels, kDownsample, 0>(a);
+    case 1: return patchify_loop<Out, kChannels, kDownsample, 1>(a);
+    case 2: return patchify_loop<Out, kChannels, kDownsample, 2>(a);
+    case 3: return patchify_loop<Out, kChannels, kDownsample, 3>(a);
+    case 4: return patchify_loop<Out, kChannels, kDownsample, 4>(a);
+    case 5: return patchify_loop<Out, kChannels, kDownsample, 5>(a);
+    case 6: return patchify_loop<Out, kChannels, kDownsample, 6>(a);
+    default: return patchify_loop<Out, kChannels, kDownsample, 7>(a);
+  }
+}
+
+template <typename Out>
+void patchify_dispatch(const PatchifyArgs& a) {
+  if (a.channels == 3 && a.downsample == 1) patchify_dispatch_dihedral<Out, 3, 1>(a);
+  else if (a.channels == 3 && a.downsample == 2) patchify_dispatch_dihedral<Out, 3, 2>(a);
+  else if (a.downsample == 1) patchify_dispatch_dihedral<Out, 0, 1>(a);
+  else patchify_loop<Out, 0, 0, -1>(a);
 }
 
 template <typename In, typename Out>
@@ -107,8 +135,8 @@ void clear_small_components(std::uint8_t* mask, std::int64_t h, std::int64_t w, 
 }  // namespace
 
 void patchify_cpu(const PatchifyArgs& args) {
-  if (args.out_half) patchify_loop<std::uint16_t>(args);
-  else patchify_loop<float>(args);
+  if (args.out_half) patchify_dispatch<std::uint16_t>(args);
+  else patchify_dispatch<float>(args);
 }
 
 void scatter_cpu(const ScatterArgs& args) {

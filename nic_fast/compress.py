@@ -62,7 +62,7 @@ class CompressOptions:
     min_tissue: float = 0.1  # tissue fraction for a cell to be encoded
     tile_cells: int = 16  # cells per tile side: one region read and one Zarr chunk
     background: str = "blank"  # "blank": embedding of a white patch; "zero": zeros
-    thumb_px_per_cell: int = 16
+    thumb_px_per_cell: int = 8  # enough for the tissue mask; keeps the thumbnail read to a coarse level
 
 
 @dataclass
