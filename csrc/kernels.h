@@ -42,6 +42,7 @@ struct TissueMaskArgs {
   std::int64_t height, width;
   int black_level;          // pixels with max(R,G,B) <= this are not tissue
   int min_threshold;        // floor on the Otsu saturation threshold (blank slides)
+  int max_threshold;        // ceiling on it (slides that are all tissue)
   std::int64_t min_object_px, max_hole_px;
 };
 int tissue_mask_cpu(const TissueMaskArgs& args);  // returns the saturation threshold used

@@ -156,7 +156,7 @@ int tissue_mask_cpu(const TissueMaskArgs& a) {
     a.mask[p] = tissue_saturation(a.rgb[3 * p], a.rgb[3 * p + 1], a.rgb[3 * p + 2], static_cast<std::uint8_t>(a.black_level));
   std::array<std::int64_t, 256> hist{};
   for (std::int64_t p = 0; p < n; ++p) ++hist[a.mask[p]];
-  const int threshold = std::max(otsu_threshold(hist), a.min_threshold);
+  const int threshold = std::min(std::max(otsu_threshold(hist), a.min_threshold), a.max_threshold);
   for (std::int64_t p = 0; p < n; ++p) a.mask[p] = a.mask[p] > threshold ? 1 : 0;
   clear_small_components(a.mask, a.height, a.width, 1, 0, a.min_object_px, false);
   clear_small_components(a.mask, a.height, a.width, 0, 1, a.max_hole_px, true);

@@ -29,16 +29,16 @@ void scatter(py::object embeddings, py::object cells, py::object grid) {
   nic::scatter_cpu(args);
 }
 
-int tissue_mask(py::object rgb, py::object mask, int black_level, int min_threshold, std::int64_t min_object_px,
-                std::int64_t max_hole_px) {
+int tissue_mask(py::object rgb, py::object mask, int black_level, int min_threshold, int max_threshold,
+                std::int64_t min_object_px, std::int64_t max_hole_px) {
   TensorView t(std::move(rgb), "thumbnail"), m(std::move(mask), "mask");
   t.expect_dtype({nic::Dtype::uint8}).expect_ndim(3).expect_size(2, 3, "RGB").expect_contiguous().expect_device(false);
   m.expect_dtype({nic::Dtype::uint8, nic::Dtype::boolean}).expect_ndim(2).expect_contiguous().expect_device(false);
   m.expect_size(0, t.size(0), "height of the thumbnail").expect_size(1, t.size(1), "width of the thumbnail");
-  if (black_level < 0 || black_level > 255 || min_threshold < 0 || min_threshold > 255)
-    throw py::value_error("tissue_mask: black_level and min_threshold must be in 0..255");
-  const nic::TissueMaskArgs args{t.data<std::uint8_t>(), m.data<std::uint8_t>(), t.size(0), t.size(1),
-                                 black_level, min_threshold, min_object_px, max_hole_px};
+  if (black_level < 0 || black_level > 255 || min_threshold < 0 || max_threshold > 255 || min_threshold > max_threshold)
+    throw py::value_error("tissue_mask: need 0 <= black_level <= 255 and 0 <= min_threshold <= max_threshold <= 255");
+  const nic::TissueMaskArgs args{t.data<std::uint8_t>(), m.data<std::uint8_t>(), t.size(0), t.size(1), black_level,
+                                 min_threshold, max_threshold, min_object_px, max_hole_px};
   py::gil_scoped_release release;
   return nic::tissue_mask_cpu(args);
 }
@@ -73,7 +73,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("scatter", &scatter, py::arg("embeddings"), py::arg("cells"), py::arg("grid"),
         "(N, C) embeddings + (N, 2) int32 grid cells -> their places in an (H, W, C) grid.");
   m.def("tissue_mask", &tissue_mask, py::arg("rgb"), py::arg("mask"), py::arg("black_level"),
-        py::arg("min_threshold"), py::arg("min_object_px"), py::arg("max_hole_px"),
+        py::arg("min_threshold"), py::arg("max_threshold"), py::arg("min_object_px"), py::arg("max_hole_px"),
         "Saturation/Otsu tissue mask with small-object and small-hole clean-up; returns the threshold.");
   m.def("cell_fraction", &cell_fraction, py::arg("mask"), py::arg("out"), py::arg("stride_px"), py::arg("size_px"),
         "Per-cell fraction of mask pixels, footprints in mask pixels.");

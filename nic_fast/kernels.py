@@ -105,21 +105,26 @@ def tissue_mask(
     *,
     black_level: int = 25,
     min_threshold: int = 20,
+    max_threshold: int = 60,
     min_object_px: int = 0,
     max_hole_px: int = 0,
 ) -> tuple[np.ndarray, int]:
     """Boolean tissue mask of an RGB thumbnail and the saturation threshold used.
 
     Tissue is stained, so it is saturated; background glass is grey-white. Otsu's
-    threshold on HSV saturation separates the two; ``min_threshold`` keeps a blank
-    slide from being split into noise "tissue"; pixels no brighter than
+    threshold on HSV saturation separates the two. It is clamped to
+    [``min_threshold``, ``max_threshold``] because Otsu splits any histogram in two:
+    the floor keeps a blank slide from yielding noise "tissue", the ceiling keeps a
+    slide that is all tissue from losing its paler half (stained tissue sits well
+    above 60/255 saturation; glass well below 20). Pixels no brighter than
     ``black_level`` (pen, slide edge) are not tissue. Connected tissue smaller than
     ``min_object_px`` is removed and enclosed holes smaller than ``max_hole_px``
     are filled.
     """
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     mask = np.empty(rgb.shape[:2], dtype=np.uint8)
-    threshold = _C.tissue_mask(rgb, mask, black_level, min_threshold, int(min_object_px), int(max_hole_px))
+    threshold = _C.tissue_mask(rgb, mask, black_level, min_threshold, max_threshold, int(min_object_px),
+                               int(max_hole_px))
     return mask.astype(bool), threshold
 
 

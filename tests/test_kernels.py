@@ -155,7 +155,7 @@ def reference_otsu(values):
 def test_tissue_mask_threshold_matches_numpy_otsu():
     rng = np.random.default_rng(4)
     rgb = rng.integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
-    mask, threshold = kernels.tissue_mask(rgb, black_level=25, min_threshold=0)
+    mask, threshold = kernels.tissue_mask(rgb, black_level=25, min_threshold=0, max_threshold=255)
     sat = reference_saturation(rgb, 25)
     assert threshold == reference_otsu(sat)
     np.testing.assert_array_equal(mask, sat > threshold)
@@ -173,6 +173,13 @@ def test_tissue_mask_cleans_specks_and_fills_holes():
     np.testing.assert_array_equal(mask, expected)
     raw, _ = kernels.tissue_mask(rgb)
     assert raw[50, 70] and not raw[21, 21]
+
+
+def test_tissue_mask_slide_all_tissue_stays_whole():
+    rng = np.random.default_rng(7)
+    pale_and_dark = np.where(rng.random((40, 40, 1)) < 0.5, (230, 170, 210), (150, 60, 140))
+    mask, threshold = kernels.tissue_mask(pale_and_dark.astype(np.uint8))
+    assert threshold == 60 and mask.all()
 
 
 def test_tissue_mask_blank_slide_has_no_tissue():
