@@ -13,6 +13,14 @@
 
 namespace nic {
 
+inline Element element_of(const TensorView& t) {
+  switch (t.dtype()) {
+    case Dtype::float16: return Element::float16;
+    case Dtype::bfloat16: return Element::bfloat16;
+    default: return Element::float32;  // callers admit only float dtypes
+  }
+}
+
 inline void check_same_device(const TensorView& a, const TensorView& b, const char* what) {
   if (a.on_cuda() != b.on_cuda() || (a.on_cuda() && a.device_id() != b.device_id()))
     throw py::value_error(std::string(what) + ": all arrays must be on the same device");
@@ -41,7 +49,7 @@ inline PatchifyArgs patchify_args(TensorView& region, TensorView& cells, TensorV
                                   const std::vector<float>& scale, const std::vector<float>& offset, bool cuda) {
   region.expect_dtype({Dtype::uint8}).expect_ndim(3).expect_contiguous().expect_device(cuda);
   check_cells(cells, cuda);
-  out.expect_dtype({Dtype::float32, Dtype::float16});
+  out.expect_dtype({Dtype::float32, Dtype::float16, Dtype::bfloat16});
   const Layout layout = out.expect_patch_layout();
   out.expect_device(cuda);
   check_same_device(region, out, "patchify");
@@ -63,7 +71,7 @@ inline PatchifyArgs patchify_args(TensorView& region, TensorView& cells, TensorV
   a.cells = cells.data<std::int32_t>();
   a.n_cells = cells.size(0);
   a.out = out.data<void>();
-  a.out_half = out.dtype() == Dtype::float16;
+  a.out_type = element_of(out);
   a.out_channels_last = layout == Layout::channels_last;
   a.patch_px = static_cast<int>(out.size(2));
   a.downsample = downsample;
@@ -77,7 +85,7 @@ inline PatchifyArgs patchify_args(TensorView& region, TensorView& cells, TensorV
 }
 
 inline ScatterArgs scatter_args(TensorView& embeddings, TensorView& cells, TensorView& grid, bool cuda) {
-  embeddings.expect_dtype({Dtype::float32, Dtype::float16}).expect_ndim(2).expect_contiguous().expect_device(cuda);
+  embeddings.expect_dtype({Dtype::float32, Dtype::float16, Dtype::bfloat16}).expect_ndim(2).expect_contiguous().expect_device(cuda);
   check_cells(cells, cuda);
   grid.expect_dtype({Dtype::float32, Dtype::float16}).expect_ndim(3).expect_contiguous().expect_device(cuda);
   check_same_device(embeddings, grid, "scatter");
@@ -86,7 +94,7 @@ inline ScatterArgs scatter_args(TensorView& embeddings, TensorView& cells, Tenso
   grid.expect_size(2, embeddings.size(1), "code size of the embeddings");
   ScatterArgs a{};
   a.embeddings = embeddings.data<void>();
-  a.embeddings_half = embeddings.dtype() == Dtype::float16;
+  a.embeddings_type = element_of(embeddings);
   a.cells = cells.data<std::int32_t>();
   a.n_cells = cells.size(0);
   a.code_size = embeddings.size(1);

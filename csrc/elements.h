@@ -72,14 +72,44 @@ NIC_HD float half_bits_to_float(uint16_t half) {
   return pun.f;
 }
 
+// bfloat16 storage: the top 16 bits of a float32, rounded to nearest even (NaN stays
+// a quiet NaN). Used for the encoder's input and output when it runs in bfloat16.
+NIC_HD uint16_t float_to_bf16_bits(float value) {
+  union { float f; uint32_t u; } pun;
+  pun.f = value;
+  const uint32_t bits = pun.u;
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x0040u);
+  const uint32_t rounding = 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>((bits + rounding) >> 16);
+}
+
+NIC_HD float bf16_bits_to_float(uint16_t bf16) {
+  union { uint32_t u; float f; } pun;
+  pun.u = static_cast<uint32_t>(bf16) << 16;
+  return pun.f;
+}
+
+// A bfloat16 element: a distinct type so that Store<> can tell it from float16 bits.
+struct Bf16Bits {
+  uint16_t bits;
+};
+
 template <typename T> struct Store;
 template <> struct Store<float> {
   NIC_HD static void put(float* dst, float v) { *dst = v; }
   NIC_HD static float get(const float* src) { return *src; }
 };
 template <> struct Store<uint16_t> {  // float16 bits
-  NIC_HD static void put(uint16_t* dst, float v) { *dst = float_to_half_bits(v); }
-  NIC_HD static float get(const uint16_t* src) { return half_bits_to_float(*src); }
+  NIC_HD static uint16_t bits(float v) { return float_to_half_bits(v); }
+  NIC_HD static float value(uint16_t bits) { return half_bits_to_float(bits); }
+  NIC_HD static void put(uint16_t* dst, float v) { *dst = bits(v); }
+  NIC_HD static float get(const uint16_t* src) { return value(*src); }
+};
+template <> struct Store<Bf16Bits> {
+  NIC_HD static uint16_t bits(float v) { return float_to_bf16_bits(v); }
+  NIC_HD static float value(uint16_t bits) { return bf16_bits_to_float(bits); }
+  NIC_HD static void put(Bf16Bits* dst, float v) { dst->bits = bits(v); }
+  NIC_HD static float get(const Bf16Bits* src) { return value(src->bits); }
 };
 
 // ---------------------------------------------------------------------------------

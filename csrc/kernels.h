@@ -9,26 +9,29 @@ namespace nic {
 
 constexpr int kMaxChannels = 4;
 
+// Floating-point element types a kernel reads or writes.
+enum class Element { float32, float16, bfloat16 };
+
 struct PatchifyArgs {
   const std::uint8_t* region;  // (region_height, region_width, channels) uint8
   std::int64_t region_height, region_width;
   int channels;
   const std::int32_t* cells;  // (n_cells, 2): top-left (y, x) of each patch in the region
   std::int64_t n_cells;
-  void* out;                  // (n_cells, channels, patch_px, patch_px) float32 or float16
-  bool out_half;
+  void* out;                  // (n_cells, channels, patch_px, patch_px) float32, float16 or bfloat16
+  Element out_type;
   bool out_channels_last;
   int patch_px, downsample, dihedral;
   float scale[kMaxChannels], offset[kMaxChannels];
 };
 
 struct ScatterArgs {
-  const void* embeddings;  // (n_cells, code_size) float32 or float16
-  bool embeddings_half;
+  const void* embeddings;  // (n_cells, code_size) float32, float16 or bfloat16
+  Element embeddings_type;
   const std::int32_t* cells;  // (n_cells, 2): grid (i, j)
   std::int64_t n_cells, code_size;
   void* grid;  // (grid_height, grid_width, code_size) float32 or float16
-  bool grid_half;
+  bool grid_half;  // float16, else float32
   std::int64_t grid_height, grid_width;
 };
 

@@ -135,17 +135,24 @@ void clear_small_components(std::uint8_t* mask, std::int64_t h, std::int64_t w, 
 }  // namespace
 
 void patchify_cpu(const PatchifyArgs& args) {
-  if (args.out_half) patchify_dispatch<std::uint16_t>(args);
-  else patchify_dispatch<float>(args);
+  switch (args.out_type) {
+    case Element::float16: return patchify_dispatch<std::uint16_t>(args);
+    case Element::bfloat16: return patchify_dispatch<Bf16Bits>(args);
+    case Element::float32: return patchify_dispatch<float>(args);
+  }
+}
+
+template <typename In>
+void scatter_to_grid(const ScatterArgs& args) {
+  if (args.grid_half) scatter_loop<In, std::uint16_t>(args);
+  else scatter_loop<In, float>(args);
 }
 
 void scatter_cpu(const ScatterArgs& args) {
-  if (args.embeddings_half) {
-    if (args.grid_half) scatter_loop<std::uint16_t, std::uint16_t>(args);
-    else scatter_loop<std::uint16_t, float>(args);
-  } else {
-    if (args.grid_half) scatter_loop<float, std::uint16_t>(args);
-    else scatter_loop<float, float>(args);
+  switch (args.embeddings_type) {
+    case Element::float16: return scatter_to_grid<std::uint16_t>(args);
+    case Element::bfloat16: return scatter_to_grid<Bf16Bits>(args);
+    case Element::float32: return scatter_to_grid<float>(args);
   }
 }
 

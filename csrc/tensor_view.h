@@ -20,7 +20,7 @@ namespace nic {
 
 namespace py = pybind11;
 
-enum class Dtype { uint8, boolean, int32, float16, float32 };
+enum class Dtype { uint8, boolean, int32, float16, bfloat16, float32 };
 
 inline const char* dtype_name(Dtype d) {
   switch (d) {
@@ -28,6 +28,7 @@ inline const char* dtype_name(Dtype d) {
     case Dtype::boolean: return "bool";
     case Dtype::int32: return "int32";
     case Dtype::float16: return "float16";
+    case Dtype::bfloat16: return "bfloat16";
     case Dtype::float32: return "float32";
   }
   return "?";
@@ -74,6 +75,7 @@ class TensorView {
     if (t.lanes == 1 && t.code == kDLBool && t.bits == 8) return Dtype::boolean;
     if (t.lanes == 1 && t.code == kDLInt && t.bits == 32) return Dtype::int32;
     if (t.lanes == 1 && t.code == kDLFloat && t.bits == 16) return Dtype::float16;
+    if (t.lanes == 1 && t.code == kDLBfloat && t.bits == 16) return Dtype::bfloat16;
     if (t.lanes == 1 && t.code == kDLFloat && t.bits == 32) return Dtype::float32;
     fail("unsupported dtype " + dtype_text());
   }

@@ -73,8 +73,8 @@ def patchify(
     ``cells`` holds each patch's top-left (y, x) in region pixels (int32, (N, 2)); a
     patch spans ``P * downsample`` region pixels and is box-averaged down to P, then
     transformed by dihedral ``k`` (``T_k(a) = rot90(fliplr(a) if k >= 4 else a, k % 4)``),
-    then normalised as ``value * scale[c] + offset[c]``. ``out`` is float32 or float16,
-    contiguous NCHW or channels-last. On CUDA, pass ``host_cells`` (the same cells on the
+    then normalised as ``value * scale[c] + offset[c]``. ``out`` is float32, float16 or
+    bfloat16 (rounded to nearest even), contiguous NCHW or channels-last. On CUDA, pass ``host_cells`` (the same cells on the
     host) so that bounds are checked before launch.
     """
     if _on_cuda(out):
@@ -89,7 +89,12 @@ def patchify(
 
 
 def scatter(embeddings: Any, cells: Any, grid: Any, *, host_cells: np.ndarray | None = None) -> Any:
-    """Write (N, C) ``embeddings`` to their (i, j) ``cells`` of an (H, W, C) ``grid``."""
+    """Write (N, C) ``embeddings`` to their (i, j) ``cells`` of an (H, W, C) ``grid``.
+
+    ``embeddings`` are float32, float16 or bfloat16 (what a half-precision encoder
+    returns, so no cast is needed); ``grid`` is float16 or float32. On CUDA, pass
+    ``host_cells`` (the same cells on the host) so that bounds are checked before launch.
+    """
     if _on_cuda(grid):
         if host_cells is None:
             raise ValueError("scatter on CUDA needs host_cells to check bounds before launch")

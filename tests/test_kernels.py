@@ -220,3 +220,21 @@ def test_cuda_module_absent_or_reports_no_device():
         assert "--device cpu" in str(exc)
     else:
         assert module.device_count() >= 0
+
+
+def test_bfloat16_patches_and_embeddings_round_to_nearest_even():
+    rng = np.random.default_rng(8)
+    region = rng.integers(0, 256, size=(24, 24, 3), dtype=np.uint8)
+    cells = np.array([[0, 0], [8, 5]], dtype=np.int32)
+    scale, offset = [1 / 63.0, 1 / 70.0, 1 / 255.0], [-2.0, 0.1, 0.0]
+    out32 = torch.empty((2, 3, 16, 16))
+    out16 = torch.empty((2, 3, 16, 16), dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    for out in (out32, out16):
+        kernels.patchify(region, cells, out, scale=scale, offset=offset, dihedral=6)
+    torch.testing.assert_close(out16, out32.to(torch.bfloat16), rtol=0, atol=0)  # torch rounds to nearest even
+
+    emb = torch.randn((5, 16)).to(torch.bfloat16)
+    grid = np.zeros((3, 4, 16), np.float32)
+    cells = np.array([[0, 0], [2, 3], [1, 1], [0, 3], [2, 0]], np.int32)
+    kernels.scatter(emb, cells, grid)
+    np.testing.assert_array_equal(grid[cells[:, 0], cells[:, 1]], emb.float().numpy())
