@@ -1,13 +1,16 @@
 """`compress`: slides in, one Zarr store per slide out, as a pipeline.
 
 Per slide: open a reader, pick the pyramid level by µm/px, find tissue on a thumbnail,
-then stream the tissue tiles through
+then stream the tissue tiles through an engine:
 
-    reader threads (large grid-aligned region reads, own handle each, bounded look-ahead)
-      → patchify kernel (downsample, dihedral, normalise) straight into the encoder batch
-      → encoder → scatter kernel into the tile → writer thread (one Zarr chunk per tile)
+* on the CPU (:class:`CpuEngine`): reader threads (large grid-aligned region reads,
+  own handle each, bounded look-ahead) → patchify kernel (downsample, dihedral,
+  normalise) straight into the encoder batch → encoder → scatter kernel into the tile
+  → writer thread (one Zarr chunk per tile);
+* on a GPU (:class:`nic_fast.pipeline_cuda.CudaEngine`): the same stages, device-resident
+  from the region upload to the finished tile.
 
-so reading the next regions overlaps encoding the current batch and memory stays flat
+Reading the next regions overlaps encoding the current batch and memory stays flat
 whatever the slide size. Every failure is confined to its slide (or, for an unreadable
 region, to its cells, which the store marks not ``valid``).
 """
@@ -16,15 +19,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -36,11 +40,19 @@ from nic_fast.slides import SlideError, SlideReader, choose_level, load_mpp_csv,
 from nic_fast.store import StoreWriter, is_complete, store_path
 from nic_fast.tissue import TissueMap, detect_tissue
 
-__all__ = ["CompressOptions", "Compressor", "SlideResult", "write_summary"]
+__all__ = ["CompressOptions", "Compressor", "CpuEngine", "SlideResult", "available_cpus", "write_summary"]
 
 log = logging.getLogger(__name__)
 
 MAX_THUMBNAIL_PX = 4096
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DECODERS = ("auto", "cpu", "gpu")
+CPU_READER_THREADS = 2  # on the CPU the encoder needs the cores too
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (the affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass
@@ -54,8 +66,12 @@ class CompressOptions:
     stride_px: int | None = None  # default: patch_px
     augment: bool = False  # all 8 dihedral variants
     batch_size: int = 128
-    workers: int = 2  # reader threads, each with its own slide handle
+    workers: int | None = None  # reader threads; default 2 on the CPU, every core on a GPU
     device: str = "cpu"
+    precision: str = "auto"  # fp32 | fp16 | bf16; auto: fp32 on the CPU, fp16 on a GPU
+    decode: str = "auto"  # where cuCIM decodes on a GPU run: cpu | gpu | auto (measured per format)
+    cuda_graph: bool = True  # replay the fixed-size encoder batch as a CUDA graph
+    batches_in_flight: int = 2  # GPU batches queued ahead of the one running
     slide_mpp: float | None = None
     slide_mpp_csv: Path | None = None
     overwrite: bool = False
@@ -77,6 +93,8 @@ class SlideResult:
     grid_shape: tuple[int, int] | None = None
     tissue_fraction: float | None = None
     invalid_cells: int = 0
+    device: str = ""  # where it ran ("cpu", "cuda:1")
+    attempts: int = 1  # > 1 when a dead worker's slide was retried
 
 
 ProgressFn = Callable[[int], None]
@@ -88,9 +106,178 @@ def _header_sha256(path: Path, n_bytes: int = 1 << 20) -> str:
         return hashlib.sha256(f.read(n_bytes)).hexdigest()
 
 
+# -- what every engine shares ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegionPlan:
+    """One tile's read: the level-pixel bounding box of its tissue cells and where each
+    cell lies in it (grid cells are grid-aligned, so one read serves them all)."""
+
+    tile: Tile
+    local_cells: np.ndarray  # int32 (n, 2): cells' (i, j) within the tile
+    level_px: np.ndarray  # int32 (n, 2): cells' top-left pixel within the region
+    y0: int  # region origin and size in level pixels
+    x0: int
+    height: int
+    width: int
+
+    @classmethod
+    def of(cls, grid: GridGeometry, tile: Tile, cells: np.ndarray) -> RegionPlan:
+        """Plan for the (n, 2) global tissue ``cells`` of ``tile`` (n >= 1)."""
+        i_min, j_min = cells.min(axis=0)
+        i_max, j_max = cells.max(axis=0)
+        y0, x0 = grid.level_origin(int(i_min), int(j_min))
+        height = int(i_max - i_min) * grid.level_stride_px + grid.level_patch_px
+        width = int(j_max - j_min) * grid.level_stride_px + grid.level_patch_px
+        level_px = np.ascontiguousarray((cells - (i_min, j_min)) * grid.level_stride_px, dtype=np.int32)
+        local_cells = np.ascontiguousarray(cells - (tile.i0, tile.j0), dtype=np.int32)
+        return cls(tile, local_cells, level_px, int(y0), int(x0), height, width)
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.local_cells)
+
+
+def max_region_px(grid: GridGeometry, tile_cells: int) -> tuple[int, int]:
+    """The largest (height, width) a tile's region can have: sizes staging buffers."""
+    cells_h, cells_w = min(tile_cells, grid.height), min(tile_cells, grid.width)
+    return ((max(cells_h, 1) - 1) * grid.level_stride_px + grid.level_patch_px,
+            (max(cells_w, 1) - 1) * grid.level_stride_px + grid.level_patch_px)
+
+
+@dataclass
+class WriteJob:
+    """A finished tile for the writer thread. ``ready`` blocks until its host arrays hold
+    the data (a device-to-host copy); ``release`` hands its buffers back afterwards."""
+
+    tile: Tile
+    embeddings: np.ndarray  # float16 (A, h, w, C)
+    valid: np.ndarray  # bool (h, w)
+    ready: Callable[[], None] | None = None
+    release: Callable[[], None] | None = None
+
+
+class TileWriter:
+    """Writes finished tiles on its own thread, so Zarr compression overlaps encoding."""
+
+    def __init__(self, store: StoreWriter, max_pending: int) -> None:
+        self.store = store
+        self.queue: queue.Queue[WriteJob | None] = queue.Queue(maxsize=max_pending)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="nic-fast-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (job := self.queue.get()) is not None:
+            try:
+                if self.error is None:
+                    if job.ready is not None:
+                        job.ready()
+                    t = job.tile
+                    self.store.write_tile(t.row, t.col, t.i0, t.j0, job.embeddings, job.valid)
+            except BaseException as exc:  # reported by close(); keeps draining so producers never block
+                self.error = exc
+            finally:
+                if job.release is not None:
+                    job.release()
+
+    def put(self, job: WriteJob) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(job)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+class ReaderHandles:
+    """One slide handle per reader thread (a handle is not thread-safe), all closed at the end."""
+
+    def __init__(self, reader: SlideReader) -> None:
+        self.reader = reader
+        self._local = threading.local()
+        self._handles: list[SlideReader] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> SlideReader:
+        if not hasattr(self._local, "reader"):
+            self._local.reader = self.reader.reopen()
+            with self._lock:
+                self._handles.append(self._local.reader)
+        return self._local.reader
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.close()
+
+
+@dataclass
+class Timings:
+    """Seconds per stage of one slide; the waits say which stage bound the run."""
+
+    read_wait_s: float = 0.0  # the pipeline waited for decoded regions (decode-bound)
+    patchify_s: float = 0.0
+    encode_s: float = 0.0
+    thumbnail_s: float = 0.0
+    total_s: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def as_attrs(self) -> dict[str, float]:
+        fields = {k: v for k, v in asdict(self).items() if k != "extra"}
+        return {k: round(v, 4) for k, v in {**fields, **self.extra}.items()}
+
+
+@dataclass
+class SlideJob:
+    """Everything an engine needs to stream one slide's unfinished tiles into its store."""
+
+    reader: SlideReader
+    level: int
+    grid: GridGeometry
+    store: StoreWriter
+    tiles: list[tuple[Tile, np.ndarray]]  # unfinished tiles with their global tissue cells
+    timings: Timings
+    progress: ProgressFn | None
+
+
+@dataclass
+class StreamResult:
+    invalid_cells: int  # cells whose region could not be read
+    attrs: dict[str, Any] = field(default_factory=dict)  # what the engine adds to the store's attributes
+
+
+class Engine(Protocol):
+    """Streams a slide's tiles through read → patchify → encode → scatter → write."""
+
+    def stream(self, job: SlideJob) -> StreamResult: ...
+
+
+def background_tile(compressor: Compressor, tile: Tile) -> np.ndarray:
+    """A tile's host embeddings, every cell holding the background embedding."""
+    h, w = tile.shape
+    embeddings = np.empty((len(compressor.variants), h, w, compressor.encoder.spec.code_size), np.float16)
+    embeddings[...] = compressor.background
+    return embeddings
+
+
+def fail_if_unreadable(reader: SlideReader, failed_regions: list[str], read_regions: int) -> None:
+    """A slide whose every region failed is a failed slide; otherwise log a few reasons."""
+    if failed_regions and len(failed_regions) == read_regions:
+        raise SlideError(f"{reader.path}: no region could be read ({failed_regions[0]})")
+    for reason in failed_regions[:3]:
+        log.warning("%s: region read failed, cells marked invalid: %s", reader.path, reason)
+
+
+# -- the CPU engine -------------------------------------------------------------------------
+
+
 @dataclass
 class _TileWork:
-    """One tile in flight: its grid block, filled as batches come back from the encoder."""
+    """One tile in flight on the CPU: its grid block, filled as batches come back."""
 
     tile: Tile
     embeddings: np.ndarray  # float16 (A, h, w, C), background pre-filled
@@ -101,27 +288,16 @@ class _TileWork:
 @dataclass
 class _Region:
     work: _TileWork
-    local_cells: np.ndarray  # int32 (n, 2): cells' (i, j) within the tile
-    level_px: np.ndarray  # int32 (n, 2): cells' top-left pixel within the region
+    plan: RegionPlan
     pixels: np.ndarray | None  # uint8 (h, w, 3), None when the read failed
     error: str = ""
-
-
-@dataclass
-class _Timings:
-    read_wait_s: float = 0.0
-    patchify_s: float = 0.0
-    encode_s: float = 0.0
-    thumbnail_s: float = 0.0
-    total_s: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class _Batcher:
     """Fills a fixed encoder batch with patches from many regions, encodes it when full,
     and scatters the embeddings back into their tiles."""
 
-    def __init__(self, compressor: Compressor, on_tile_done: Callable[[_TileWork], None], timings: _Timings,
+    def __init__(self, compressor: Compressor, on_tile_done: Callable[[_TileWork], None], timings: Timings,
                  progress: ProgressFn | None) -> None:
         self.c = compressor
         self.on_tile_done = on_tile_done
@@ -133,17 +309,17 @@ class _Batcher:
 
     def add(self, region: _Region, variants: Iterable[int]) -> None:
         assert region.pixels is not None
-        n = len(region.local_cells)
+        plan = region.plan
         for variant in variants:
             start = 0
-            while start < n:
-                count = min(n - start, len(self.batch) - self.filled)
+            while start < plan.n_cells:
+                count = min(plan.n_cells - start, len(self.batch) - self.filled)
                 t0 = time.perf_counter()
-                kernels.patchify(region.pixels, region.level_px[start : start + count],
+                kernels.patchify(region.pixels, plan.level_px[start : start + count],
                                  self.batch[self.filled : self.filled + count], scale=self.c.scale,
                                  offset=self.c.offset, downsample=self.c.downsample, dihedral=variant)
                 self.timings.patchify_s += time.perf_counter() - t0
-                self.parts.append((region.work, variant, region.local_cells[start : start + count], self.filled, count))
+                self.parts.append((region.work, variant, plan.local_cells[start : start + count], self.filled, count))
                 self.filled += count
                 start += count
                 if self.filled == len(self.batch):
@@ -166,35 +342,85 @@ class _Batcher:
         self.filled = 0
 
 
-class _Writer:
-    """Writes finished tiles on its own thread, so Zarr compression overlaps encoding."""
+class CpuEngine:
+    """The CPU pipeline: reader threads, the OpenMP kernels and the encoder on the host."""
 
-    def __init__(self, store: StoreWriter, max_pending: int) -> None:
-        self.store = store
-        self.queue: queue.Queue[_TileWork | None] = queue.Queue(maxsize=max_pending)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="nic-fast-writer", daemon=True)
-        self.thread.start()
+    def __init__(self, compressor: Compressor) -> None:
+        self.c = compressor
 
-    def _run(self) -> None:
-        while (work := self.queue.get()) is not None:
-            if self.error is None:
-                try:
-                    t = work.tile
-                    self.store.write_tile(t.row, t.col, t.i0, t.j0, work.embeddings, work.valid)
-                except BaseException as exc:  # reported by close(); keeps draining so producers never block
-                    self.error = exc
+    def stream(self, job: SlideJob) -> StreamResult:
+        workers = self.c.workers
+        writer = TileWriter(job.store, max_pending=2 * workers + 2)
 
-    def put(self, work: _TileWork) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put(work)
+        def write(work: _TileWork) -> None:
+            writer.put(WriteJob(work.tile, work.embeddings, work.valid))
 
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
+        batcher = _Batcher(self.c, write, job.timings, job.progress)
+        handles = ReaderHandles(job.reader)
+
+        def read(work: _TileWork, plan: RegionPlan) -> _Region:
+            try:
+                pixels = handles.get().read_region(job.level, plan.y0, plan.x0, plan.height, plan.width)
+            except Exception as exc:  # noqa: BLE001 - a decode error costs these cells, not the slide
+                return _Region(work, plan, None, f"{type(exc).__name__}: {exc}")
+            return _Region(work, plan, np.ascontiguousarray(pixels))
+
+        invalid = 0
+        failed_regions: list[str] = []
+        read_regions = 0
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="nic-fast-read") as pool:
+                in_flight: deque[Future[_Region]] = deque()
+                for tile, cells in job.tiles:
+                    h, w = tile.shape
+                    work = _TileWork(tile, background_tile(self.c, tile), np.ones((h, w), bool),
+                                     pending=len(cells) * len(self.c.variants))
+                    if len(cells) == 0:
+                        write(work)
+                        continue
+                    in_flight.append(pool.submit(read, work, RegionPlan.of(job.grid, tile, cells)))
+                    if len(in_flight) >= 2 * workers:
+                        invalid += self._consume(in_flight.popleft(), batcher, job.timings, failed_regions)
+                        read_regions += 1
+                while in_flight:
+                    invalid += self._consume(in_flight.popleft(), batcher, job.timings, failed_regions)
+                    read_regions += 1
+            batcher.flush()
+        finally:
+            writer.close()
+            handles.close()
+        fail_if_unreadable(job.reader, failed_regions, read_regions)
+        return StreamResult(invalid, {"precision": {"dtype": str(self.c.dtype).removeprefix("torch.")}})
+
+    def _consume(self, future: Future[_Region], batcher: _Batcher, timings: Timings, failed: list[str]) -> int:
+        t0 = time.perf_counter()
+        region = future.result()
+        timings.read_wait_s += time.perf_counter() - t0
+        if region.pixels is None:
+            failed.append(region.error)
+            work, cells = region.work, region.plan.local_cells
+            work.valid[cells[:, 0], cells[:, 1]] = False
+            work.pending -= len(cells) * len(self.c.variants)
+            if work.pending == 0:
+                batcher.on_tile_done(work)
+            return len(cells)
+        batcher.add(region, self.c.variants)
+        return 0
+
+
+# -- the compressor --------------------------------------------------------------------------
+
+
+def _encoder_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The encoder's dtype for ``--precision``: half precision only where a GPU runs it."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be auto, {', '.join(PRECISIONS)}; got {precision!r}")
+    if device.type != "cuda" and precision != "fp32":
+        raise ValueError(f"--precision {precision} needs a GPU (the CPU encoder runs in fp32); "
+                         "use --precision fp32 or --device cuda")
+    return PRECISIONS[precision]
 
 
 class Compressor:
@@ -205,8 +431,12 @@ class Compressor:
         self.device = torch.device(options.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise SlideError("--device cuda was given but PyTorch sees no CUDA device; use --device cpu")
-        half = self.device.type == "cuda"
-        self.encoder: Encoder = load_encoder(options.encoder, device="cpu").to(self.device, torch.float16 if half else None)
+        if options.decode not in DECODERS:
+            raise ValueError(f"decode must be one of {', '.join(DECODERS)}, got {options.decode!r}")
+        if options.decode == "gpu" and self.device.type != "cuda":
+            raise ValueError("--decode gpu needs --device cuda (or --gpus); use --decode cpu")
+        self.dtype = _encoder_dtype(options.precision, self.device)
+        self.encoder: Encoder = load_encoder(options.encoder, device="cpu").to(self.device, self.dtype)
         spec = self.encoder.spec
         self.patch_px = options.patch_px or spec.input_px
         if self.patch_px != spec.input_px:
@@ -217,17 +447,25 @@ class Compressor:
         self.scale, self.offset = list(scale), list(offset)
         self.mpp_table = load_mpp_csv(options.slide_mpp_csv) if options.slide_mpp_csv else None
         self.variants = DIHEDRAL if options.augment else (0,)
+        default_workers = available_cpus() if self.device.type == "cuda" else CPU_READER_THREADS
+        self.workers = max(1, options.workers or default_workers)
         self.downsample = 1  # set per slide
         self.background = self._background_embedding()
+        self.engine: Engine = self._engine()
+
+    def _engine(self) -> Engine:
+        if self.device.type != "cuda":
+            return CpuEngine(self)
+        from nic_fast.pipeline_cuda import CudaEngine  # imported only where a GPU runs
+
+        return CudaEngine(self)
 
     # -- encoder ------------------------------------------------------------------
     def new_batch(self) -> torch.Tensor:
-        """The reusable patch buffer the kernel writes into: channels-last on CPU (what
-        oneDNN convolutions want), pinned for an asynchronous copy when encoding on CUDA."""
+        """The CPU engine's reusable patch buffer: channels-last, the layout oneDNN
+        convolutions want."""
         spec = self.encoder.spec
         shape = (self.options.batch_size, spec.channels, self.patch_px, self.patch_px)
-        if self.device.type == "cuda":
-            return torch.empty(shape, dtype=torch.float32, pin_memory=True)
         return torch.empty(shape, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
 
     def encode(self, patches: torch.Tensor) -> np.ndarray:
@@ -268,13 +506,15 @@ class Compressor:
                        progress: ProgressFn | None = None) -> SlideResult:
         final = store_path(out_dir, slide)
         if is_complete(final) and not self.options.overwrite:
-            return SlideResult(str(slide), "skipped", "complete store exists (use --overwrite to redo)", str(final))
+            return SlideResult(str(slide), "skipped", "complete store exists (use --overwrite to redo)", str(final),
+                               device=str(self.device))
         t0 = time.perf_counter()
         try:
             result = self._compress(slide, final, on_start, progress)
         except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
             log.debug("slide %s failed", slide, exc_info=True)
-            return SlideResult(str(slide), "failed", f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - t0)
+            return SlideResult(str(slide), "failed", f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - t0,
+                               device=str(self.device))
         result.seconds = time.perf_counter() - t0
         result.patches_per_s = result.patches / result.seconds if result.seconds > 0 else 0.0
         return result
@@ -283,7 +523,7 @@ class Compressor:
                   progress: ProgressFn | None) -> SlideResult:
         if not slide.is_file():
             raise SlideError(f"{slide}: no such file")
-        timings = _Timings()
+        timings = Timings()
         t_start = time.perf_counter()
         slide_mpp = resolve_slide_mpp(slide, self.options.slide_mpp, self.mpp_table)
         with open_slide(slide, slide_mpp=slide_mpp) as reader:
@@ -310,17 +550,20 @@ class Compressor:
             store = StoreWriter(final, variants=len(self.variants), grid_shape=grid.shape,
                                 code_size=self.encoder.spec.code_size, tile_cells=self.options.tile_cells,
                                 thumbnail=thumbnail, tissue=tissue.cells, attrs=attrs, config=config)
+            job = SlideJob(reader, choice.level, grid, store, self._unfinished_tiles(grid, tissue, store), timings,
+                           progress)
             try:
-                invalid = self._stream_tiles(reader, choice.level, grid, tissue, store, timings, progress)
+                streamed = self.engine.stream(job)
             finally:
                 store.close()
         timings.total_s = time.perf_counter() - t_start
         patches = n_cells * len(self.variants)
-        extra = {"timings": {k: round(v, 4) for k, v in asdict(timings).items() if k != "extra"},
-                 "invalid_cells": invalid, "valid_fraction": 1.0 - invalid / max(1, grid.height * grid.width)}
+        invalid = streamed.invalid_cells
+        extra = {"timings": timings.as_attrs(), "invalid_cells": invalid, "device": str(self.device),
+                 "valid_fraction": 1.0 - invalid / max(1, grid.height * grid.width), **streamed.attrs}
         store.publish(extra, overwrite=self.options.overwrite)
         return SlideResult(str(slide), "ok", store=str(final), patches=patches, grid_shape=grid.shape,
-                           tissue_fraction=tissue.tissue_fraction, invalid_cells=invalid)
+                           tissue_fraction=tissue.tissue_fraction, invalid_cells=invalid, device=str(self.device))
 
     def _thumbnail(self, reader: SlideReader, level: int, grid: GridGeometry) -> tuple[np.ndarray, float]:
         """Thumbnail with ``thumb_px_per_cell`` pixels per cell stride (capped in size), and
@@ -359,106 +602,30 @@ class Compressor:
             "thumbnail_downsample": thumb_downsample,
         }
 
-    # -- the pipeline ---------------------------------------------------------------
-    def _stream_tiles(self, reader: SlideReader, level: int, grid: GridGeometry, tissue: TissueMap,
-                      store: StoreWriter, timings: _Timings, progress: ProgressFn | None) -> int:
-        """Run all unfinished tiles of a slide through read → patchify → encode → write.
-        Returns the number of cells whose pixels could not be read."""
-        workers = max(1, self.options.workers)
-        writer = _Writer(store, max_pending=2 * workers + 2)
-        batcher = _Batcher(self, writer.put, timings, progress)
-        local = threading.local()
-        handles: list[SlideReader] = []
-        handles_lock = threading.Lock()
-
-        def thread_reader() -> SlideReader:
-            if not hasattr(local, "reader"):
-                local.reader = reader.reopen()
-                with handles_lock:
-                    handles.append(local.reader)
-            return local.reader
-
-        def read(work: _TileWork, cells: np.ndarray) -> _Region:
-            i_min, j_min = cells.min(axis=0)
-            i_max, j_max = cells.max(axis=0)
-            y0, x0 = grid.level_origin(int(i_min), int(j_min))
-            height = (int(i_max - i_min)) * grid.level_stride_px + grid.level_patch_px
-            width = (int(j_max - j_min)) * grid.level_stride_px + grid.level_patch_px
-            level_px = np.ascontiguousarray((cells - (i_min, j_min)) * grid.level_stride_px, dtype=np.int32)
-            local_cells = np.ascontiguousarray(cells - (work.tile.i0, work.tile.j0), dtype=np.int32)
-            try:
-                pixels = thread_reader().read_region(level, y0, x0, height, width)
-            except Exception as exc:  # noqa: BLE001 - a decode error costs these cells, not the slide
-                return _Region(work, local_cells, level_px, None, f"{type(exc).__name__}: {exc}")
-            return _Region(work, local_cells, level_px, np.ascontiguousarray(pixels))
-
-        invalid = 0
-        failed_regions: list[str] = []
-        read_regions = 0
-        try:
-            with ThreadPoolExecutor(workers, thread_name_prefix="nic-fast-read") as pool:
-                in_flight: deque[Future[_Region]] = deque()
-                for work, cells in self._tile_jobs(grid, tissue, store):
-                    if len(cells) == 0:
-                        writer.put(work)
-                        continue
-                    in_flight.append(pool.submit(read, work, cells))
-                    if len(in_flight) >= 2 * workers:
-                        invalid += self._consume(in_flight.popleft(), batcher, timings, failed_regions)
-                        read_regions += 1
-                while in_flight:
-                    invalid += self._consume(in_flight.popleft(), batcher, timings, failed_regions)
-                    read_regions += 1
-            batcher.flush()
-        finally:
-            writer.close()
-            for handle in handles:
-                handle.close()
-        if failed_regions and len(failed_regions) == read_regions:
-            raise SlideError(f"{reader.path}: no region could be read ({failed_regions[0]})")
-        for reason in failed_regions[:3]:
-            log.warning("%s: region read failed, cells marked invalid: %s", reader.path, reason)
-        return invalid
-
-    def _tile_jobs(self, grid: GridGeometry, tissue: TissueMap, store: StoreWriter,
-                   ) -> Iterator[tuple[_TileWork, np.ndarray]]:
-        """Unfinished tiles with their tissue cells (global (i, j)), background pre-filled."""
+    def _unfinished_tiles(self, grid: GridGeometry, tissue: TissueMap, store: StoreWriter,
+                          ) -> list[tuple[Tile, np.ndarray]]:
+        """Tiles not yet in the store, each with its global (i, j) tissue cells."""
+        tiles = []
         for tile in grid.tiles(self.options.tile_cells):
-            if (tile.row, tile.col) in store.done_tiles:
-                continue
-            h, w = tile.shape
-            embeddings = np.empty((len(self.variants), h, w, self.encoder.spec.code_size), np.float16)
-            embeddings[...] = self.background
-            block = tissue.cells[tile.i0 : tile.i1, tile.j0 : tile.j1]
-            cells = np.argwhere(block) + (tile.i0, tile.j0)
-            work = _TileWork(tile, embeddings, np.ones((h, w), bool), pending=len(cells) * len(self.variants))
-            yield work, cells
-
-    def _consume(self, future: Future[_Region], batcher: _Batcher, timings: _Timings, failed: list[str]) -> int:
-        t0 = time.perf_counter()
-        region = future.result()
-        timings.read_wait_s += time.perf_counter() - t0
-        if region.pixels is None:
-            failed.append(region.error)
-            work = region.work
-            work.valid[region.local_cells[:, 0], region.local_cells[:, 1]] = False
-            work.pending -= len(region.local_cells) * len(self.variants)
-            if work.pending == 0:
-                batcher.on_tile_done(work)
-            return len(region.local_cells)
-        batcher.add(region, self.variants)
-        return 0
+            if (tile.row, tile.col) not in store.done_tiles:
+                block = tissue.cells[tile.i0 : tile.i1, tile.j0 : tile.j1]
+                tiles.append((tile, np.argwhere(block) + (tile.i0, tile.j0)))
+        return tiles
 
 
-def write_summary(out_dir: Path, results: list[SlideResult], options: CompressOptions) -> Path:
-    """``OUT/summary.json``: every slide with its status, reason, time and patches/s."""
+def write_summary(out_dir: Path, results: list[SlideResult], options: CompressOptions,
+                  devices: list[dict[str, Any]] | None = None) -> Path:
+    """``OUT/summary.json``: every slide with its status, reason, time and patches/s, and,
+    for a multi-GPU run, each device's share."""
     counts = {status: sum(r.status == status for r in results) for status in ("ok", "skipped", "failed")}
-    summary = {
+    summary: dict[str, Any] = {
         "nic_fast_version": __version__,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
         "counts": counts,
         "slides": [asdict(r) for r in results],
     }
+    if devices is not None:
+        summary["devices"] = devices
     path = out_dir / "summary.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=2))
