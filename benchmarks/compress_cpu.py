@@ -125,7 +125,9 @@ def naive_baseline(slide: Path, store: Path, encoder_path: Path, batch_size: int
         with torch.no_grad():
             out = encoder.module(x)
         grid[ij[:, 0], ij[:, 1]] = out.numpy().astype(np.float16)
-    zarr.save_array(str(store.parent / "naive.zarr"), grid, zarr_format=3)
+    out = zarr.open_array(str(store.parent / "naive.zarr"), mode="w", shape=grid.shape, dtype=grid.dtype,
+                          chunks=(16, 16, 128), zarr_format=3)
+    out[...] = grid
     return len(cells) / (time.perf_counter() - t0)
 
 
