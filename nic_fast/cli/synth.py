@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from nic_fast.synthetic import REFERENCE_MPP, SyntheticSlide, write_synthetic_slides
+from nic_fast.synthetic_mnist import DEFAULT_DIGITS, MnistCanvas, load_digits, write_mnist_rectangles
 
 
 @click.group()
@@ -46,4 +47,37 @@ def slides(out_dir: Path, n: int, size_px: int, mpp: float, seed: int) -> None:
         )
 
     write_synthetic_slides(out_dir, n, size_px=size_px, mpp=mpp, seed=seed, on_slide=report)
+    click.echo(f"labels: {out_dir / 'labels.csv'}")
+
+
+@synth.command("mnist-rectangles")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@click.option("--n", "n", required=True, type=click.IntRange(min=1), help="Number of images.")
+@click.option("--canvas-px", default=3600, show_default=True, type=click.IntRange(min=180), help="Canvas side in px.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same images.")
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
+              help="Which disjoint half of the digits to draw from.")
+@click.option("--digits", "digits_path", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_DIGITS,
+              show_default=True, help="MNIST digits: an .npz (images, labels) or an IDX image file.")
+@click.option("--digit-labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="The IDX label file, when --digits is an IDX image file.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes [default: all cores, at most 8].")
+def mnist_rectangles(out_dir: Path, n: int, canvas_px: int, seed: int, split: str, digits_path: Path,
+                     digit_labels: Path | None, workers: int | None) -> None:
+    """The paper's synthetic task: MNIST digits on a canvas, labelled by a tilted rectangle.
+
+    Writes <split>_NNNNN.png (grayscale), <split>_NNNNN_mask.png (1 = tilted rectangle,
+    2 = the axis-aligned one) and labels.csv (image,label,...; label = the class of the
+    digits inside the tilted rectangle).
+    """
+    try:
+        digits = load_digits(digits_path, digit_labels)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+    def report(canvas: MnistCanvas) -> None:
+        click.echo(f"{canvas.image_path}  label={canvas.label}  tilted={canvas.tilted_fraction:.1%} of the canvas")
+
+    write_mnist_rectangles(out_dir, n, digits=digits, canvas_px=canvas_px, seed=seed, split=split, workers=workers,
+                           on_image=report)
     click.echo(f"labels: {out_dir / 'labels.csv'}")
