@@ -23,7 +23,7 @@ __all__ = [
     "resolve_slide_mpp",
 ]
 
-BACKENDS = ("auto", "cucim", "openslide")
+BACKENDS = ("auto", "cucim", "openslide", "image")
 # cuCIM reads TIFF-based files only; anything else goes straight to OpenSlide rather
 # than risk cuCIM opening, say, an NDPI as a plain TIFF and decoding it wrongly.
 _CUCIM_SUFFIXES = frozenset({".svs", ".tif", ".tiff"})
@@ -40,7 +40,8 @@ def open_slide(path: str | Path, *, slide_mpp: float | None = None, backend: str
 
     ``slide_mpp`` overrides the scanned µm/px from the metadata (see
     :func:`resolve_slide_mpp` to get it from ``--slide-mpp``/``--slide-mpp-csv``).
-    ``backend`` is "auto" (default), "cucim" or "openslide". In auto mode cuCIM is used
+    ``backend`` is "auto" (default), "cucim", "openslide" or "image" (a plain image in
+    pixel units, µm/px None, grayscale kept as one channel). In auto mode cuCIM is used
     when it is installed, the file is TIFF-based, cuCIM opens it, finds its µm/px and a
     small probe read decodes; otherwise OpenSlide.
     """
@@ -58,6 +59,10 @@ def open_slide(path: str | Path, *, slide_mpp: float | None = None, backend: str
         return _open_cucim(path, slide_mpp)
     if backend == "openslide":
         return _open_openslide(path, slide_mpp)
+    if backend == "image":
+        from nic_fast.slides.image_reader import ImageReader
+
+        return ImageReader(path)
     return _open_auto(path, slide_mpp)
 
 

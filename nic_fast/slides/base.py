@@ -40,6 +40,7 @@ class SlideReader(abc.ABC):
     level_dims: list[tuple[int, int]]
     level_downsamples: list[float]
     mpp: float
+    channels: int = 3  # 3 for RGB slides; 1 for grayscale plain images (ImageReader)
 
     @property
     def level_count(self) -> int:
@@ -52,15 +53,16 @@ class SlideReader(abc.ABC):
     def read_region(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
         """RGB pixels of a rectangle in ``level``'s own pixel coordinates.
 
-        Returns a C-contiguous uint8 array of shape (height, width, 3). Any part of the
-        rectangle outside the level is white, so callers may read a grid that overhangs
-        the slide's right and bottom edges without special cases.
+        Returns a C-contiguous uint8 array of shape (height, width, channels) (RGB for
+        every slide; one channel for grayscale plain images). Any part of the rectangle
+        outside the level is white, so callers may read a grid that overhangs the
+        slide's right and bottom edges without special cases.
         """
         if not 0 <= level < self.level_count:
             raise SlideError(f"{self.path}: level {level} does not exist (the slide has {self.level_count})")
         if height < 0 or width < 0:
             raise ValueError(f"region size must not be negative, got {height}x{width}")
-        out = np.full((height, width, 3), WHITE, dtype=np.uint8)
+        out = np.full((height, width, self.channels), WHITE, dtype=np.uint8)
         level_h, level_w = self.level_dims[level]
         y0, x0 = max(y, 0), max(x, 0)
         y1, x1 = min(y + height, level_h), min(x + width, level_w)
@@ -81,9 +83,9 @@ class SlideReader(abc.ABC):
         """Release the backend's file handle."""
 
     def thumbnail(self, downsample: float) -> np.ndarray:
-        """Area-averaged RGB view of the slide at ``downsample`` relative to level 0.
+        """Area-averaged view of the slide at ``downsample`` relative to level 0.
 
-        Shape is (ceil(H0 / downsample), ceil(W0 / downsample), 3). It is computed from
+        Shape is (ceil(H0 / downsample), ceil(W0 / downsample), channels). It is computed from
         the coarsest level that is not coarser than requested and read block by block,
         so even a single-level gigapixel slide never has to fit in memory.
         """
@@ -98,7 +100,7 @@ class SlideReader(abc.ABC):
         step_x = downsample * level_w / full_w
         block_h = max(1, int(_THUMBNAIL_BLOCK_PX / step_y))
         block_w = max(1, int(_THUMBNAIL_BLOCK_PX / step_x))
-        out = np.empty((out_h, out_w, 3), dtype=np.uint8)
+        out = np.empty((out_h, out_w, self.channels), dtype=np.uint8)
         for i0 in range(0, out_h, block_h):
             i1 = min(i0 + block_h, out_h)
             edges_y = np.minimum(np.arange(i0, i1 + 1) * step_y, level_h)
