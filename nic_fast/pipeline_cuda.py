@@ -1,0 +1,650 @@
+"""The GPU engine: a device-resident compress pipeline on one CUDA device.
+
+::
+
+    reader threads   cuCIM decodes regions on every core → a ring of pinned host buffers
+                     (or cuCIM's GPU decode writes them to device memory directly)
+    copy stream      region + cell offsets → one of two device region buffers
+    compute stream   patchify kernel → encoder batch (fp16/bf16, channels-last)
+                     → encoder (CUDA-graph replay) → scatter kernel → device tiles
+    copy stream      finished tiles → pinned host tiles
+    writer thread    one Zarr chunk per tile
+
+The host thread only queues work. It waits in three places, each timed into the
+store's attributes so that a run says which stage bound it: for a decoded region
+(``read_wait_s``: decode-bound), for the GPU when ``batches_in_flight`` batches are
+already queued (``batch_wait_s``: encoder-bound), and for a free device tile
+(``tile_wait_s``: write-bound). Buffers go back to their pools from other threads once
+the GPU work reading them has finished, so no wait depends on the host thread itself.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nic_fast import kernels
+from nic_fast.compress import (
+    Compressor,
+    ReaderHandles,
+    RegionPlan,
+    SlideJob,
+    StreamResult,
+    TileWriter,
+    Timings,
+    WriteJob,
+    background_tile,
+    fail_if_unreadable,
+    max_region_px,
+)
+from nic_fast.encoders import Encoder, load_encoder
+from nic_fast.grid import Tile
+from nic_fast.slides import SlideError
+
+__all__ = ["CudaEngine", "EventReleaser", "StagingRing"]
+
+log = logging.getLogger(__name__)
+
+RGB = 3
+GPU_DECODE_THREADS = 2  # GPU decodes queue on one device: two host threads keep it fed
+GRAPH_WARMUP_CALLS = 3  # TorchScript's profiling executor settles after a few calls
+DECODE_PROBE_READS = 2  # timed reads per decoder when --decode auto measures a format
+
+
+# -- host-side buffer pools (no CUDA needed: tested on the CPU) -----------------------------
+
+
+@dataclass
+class StagingSlot:
+    """One pinned host buffer: a decoded region and its cells' pixel offsets."""
+
+    pixels: torch.Tensor  # uint8 (capacity_bytes,)
+    cells: torch.Tensor  # int32 (max_cells, 2)
+
+    def pixel_view(self, height: int, width: int) -> np.ndarray:
+        """The first height * width * 3 bytes as a writable (height, width, 3) array."""
+        return self.pixels[: height * width * RGB].numpy().reshape(height, width, RGB)
+
+
+class StagingRing:
+    """A fixed set of host buffers that decoded regions wait in for their copy to the device.
+
+    Pinned (page-locked) on a GPU run, so the copy is asynchronous and runs at full bus
+    speed. Readers block in :meth:`acquire` when all are in use: memory stays flat and
+    decoding never runs further ahead than the device can take.
+    """
+
+    def __init__(self, count: int, capacity_bytes: int, max_cells: int, *, pin: bool) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.count = count
+        self._free: queue.Queue[StagingSlot] = queue.Queue()
+        for _ in range(count):
+            self._free.put(StagingSlot(torch.empty(capacity_bytes, dtype=torch.uint8, pin_memory=pin),
+                                       torch.empty((max_cells, 2), dtype=torch.int32, pin_memory=pin)))
+
+    def acquire(self) -> StagingSlot:
+        return self._free.get()
+
+    def release(self, slot: StagingSlot) -> None:
+        self._free.put(slot)
+
+    @property
+    def free(self) -> int:
+        return self._free.qsize()
+
+
+class EventReleaser:
+    """Hands buffers back once the device work reading them is done, on its own thread.
+
+    Each item is a ``wait`` (typically ``event.synchronize``) and a ``release``; items are
+    released in order. The host thread queuing GPU work therefore never blocks on a copy
+    it has just queued, and a reader waiting for a staging buffer is never waiting on the
+    host thread.
+    """
+
+    def __init__(self) -> None:
+        self._items: queue.Queue[tuple[Callable[[], None], Callable[[], None]] | None] = queue.Queue()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="nic-fast-release", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._items.get()) is not None:
+            wait, release = item
+            try:
+                wait()
+            except BaseException as exc:  # reported by close(); the buffer is released regardless
+                self.error = self.error or exc
+            release()
+
+    def put(self, wait: Callable[[], None], release: Callable[[], None]) -> None:
+        self._items.put((wait, release))
+
+    def close(self) -> None:
+        self._items.put(None)
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+# -- device-side state ----------------------------------------------------------------------
+
+
+@dataclass
+class _DeviceRegion:
+    """A device buffer a region is copied into; ``free`` is recorded after its last reader."""
+
+    pixels: torch.Tensor  # uint8 (capacity_bytes,)
+    cells: torch.Tensor  # int32 (max_cells, 2)
+    free: torch.cuda.Event
+
+
+@dataclass
+class _DeviceTile:
+    """One tile in flight: device embeddings the scatter kernel fills, their host copy."""
+
+    tile: Tile
+    buffer: int  # index in the tile pool
+    embeddings: torch.Tensor  # float16 (A, h, w, C) on the device
+    host: torch.Tensor  # float16 (A, h, w, C), pinned
+    valid: np.ndarray  # bool (h, w)
+    pending: int  # patch encodings not yet scattered
+
+
+class _TilePool:
+    """Device tiles and their pinned host twins, reused across tiles and slides."""
+
+    def __init__(self, count: int, numel: int, device: torch.device) -> None:
+        self.device_buffers = [torch.empty(numel, dtype=torch.float16, device=device) for _ in range(count)]
+        self.host_buffers = [torch.empty(numel, dtype=torch.float16, pin_memory=True) for _ in range(count)]
+        self._free: queue.Queue[int] = queue.Queue()
+        for index in range(count):
+            self._free.put(index)
+
+    def try_acquire(self) -> int | None:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            return None
+
+    def acquire(self) -> int:
+        return self._free.get()
+
+    def release(self, index: int) -> None:
+        self._free.put(index)
+
+
+@dataclass
+class _Staged:
+    """A region as a reader thread hands it over: in a staging slot (CPU decode), in
+    device memory (GPU decode), or failed."""
+
+    plan: RegionPlan
+    slot: StagingSlot | None = None
+    device_pixels: torch.Tensor | None = None
+    owner: Any = None  # cuCIM's image that owns device_pixels' memory
+    error: str = ""
+
+
+class _BatchSlot:
+    """One encoder batch: its device input, the cells its embeddings scatter to, and,
+    when captured, the CUDA graph that encodes it."""
+
+    def __init__(self, batch_size: int, channels: int, patch_px: int, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (batch_size, channels, patch_px, patch_px)
+        # zeros, not empty: a graph replays the whole batch, unused rows included
+        self.input = torch.zeros(shape, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
+        self.host_cells = torch.empty((batch_size, 2), dtype=torch.int32, pin_memory=True)
+        self.cells = torch.empty((batch_size, 2), dtype=torch.int32, device=device)
+        self.done = torch.cuda.Event(blocking=True)  # the host waits on it: sleep, do not spin
+        self.done.record(torch.cuda.current_stream(device))
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.output: torch.Tensor | None = None
+
+    def capture(self, encoder: Encoder) -> None:
+        """Record the encoder on this slot's input as a CUDA graph (one launch per batch)."""
+        device = self.input.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(GRAPH_WARMUP_CALLS):
+                encoder(self.input)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = encoder(self.input).contiguous()
+        self.graph, self.output = graph, output
+
+    def encode(self, encoder: Encoder, filled: int) -> torch.Tensor:
+        """Embeddings of the first ``filled`` patches, queued on the current stream."""
+        if self.graph is not None and self.output is not None:
+            self.graph.replay()
+            return self.output[:filled]
+        return encoder(self.input[:filled]).contiguous()
+
+
+# -- decoders -------------------------------------------------------------------------------
+
+
+class _CpuDecode:
+    """cuCIM (or OpenSlide) decodes on a reader thread into a pinned staging slot."""
+
+    def __init__(self, job: SlideJob, ring: StagingRing, threads: int) -> None:
+        self.level = job.level
+        self.handles = ReaderHandles(job.reader)
+        self.ring = ring
+        self.threads = threads
+        self.lookahead = ring.count  # never more reads in flight than slots: no reader can starve the consumer
+
+    def __call__(self, plan: RegionPlan) -> _Staged:
+        slot = self.ring.acquire()
+        try:
+            pixels = self.handles.get().read_region(self.level, plan.y0, plan.x0, plan.height, plan.width)
+        except Exception as exc:  # noqa: BLE001 - a decode error costs these cells, not the slide
+            self.ring.release(slot)
+            return _Staged(plan, error=f"{type(exc).__name__}: {exc}")
+        np.copyto(slot.pixel_view(plan.height, plan.width), pixels)
+        slot.cells[: plan.n_cells].numpy()[...] = plan.level_px
+        return _Staged(plan, slot=slot)
+
+    def close(self) -> None:
+        self.handles.close()
+
+
+class _GpuDecode:
+    """cuCIM decodes on the GPU (nvJPEG, or nvImageCodec with the cuslide2 plugin) into
+    device memory, which the patchify kernel reads in place."""
+
+    def __init__(self, path: Path, level: int, level_downsample: float, device: torch.device) -> None:
+        self.path, self.level, self.level_downsample, self.device = path, level, level_downsample, device
+        self.threads = GPU_DECODE_THREADS
+        self.lookahead = 2 * GPU_DECODE_THREADS
+        self._local = threading.local()
+
+    def _image(self) -> Any:
+        if not hasattr(self._local, "image"):
+            from cucim import CuImage
+
+            self._local.image = CuImage(str(self.path))
+        return self._local.image
+
+    def read(self, plan: RegionPlan) -> tuple[torch.Tensor, Any]:
+        """(device uint8 (h, w, 3) tensor, the cuCIM object owning its memory)."""
+        # cuCIM takes level-0 locations and floors them by the downsample: ceil lands on (y0, x0)
+        location = (math.ceil(plan.x0 * self.level_downsample), math.ceil(plan.y0 * self.level_downsample))
+        region = self._image().read_region(location=location, size=(plan.width, plan.height), level=self.level,
+                                           device=f"cuda:{self.device.index}")
+        pixels = torch.as_tensor(region, device=self.device)
+        if pixels.dtype != torch.uint8 or tuple(pixels.shape) != (plan.height, plan.width, RGB):
+            raise SlideError(f"{self.path}: cuCIM's GPU decode returned {tuple(pixels.shape)} {pixels.dtype}, "
+                             f"expected ({plan.height}, {plan.width}, 3) uint8; use --decode cpu")
+        # cuCIM decodes on its own stream: wait for it before any stream of ours reads the pixels
+        torch.cuda.synchronize(self.device)
+        return pixels, region
+
+    def __call__(self, plan: RegionPlan) -> _Staged:
+        try:
+            pixels, owner = self.read(plan)
+        except Exception as exc:  # noqa: BLE001 - a decode error costs these cells, not the slide
+            return _Staged(plan, error=f"{type(exc).__name__}: {exc}")
+        return _Staged(plan, device_pixels=pixels, owner=owner)
+
+    def close(self) -> None:
+        self._local = threading.local()
+
+
+# -- the engine -----------------------------------------------------------------------------
+
+
+class CudaEngine:
+    """Streams slides through the device-resident pipeline on one GPU; reused across slides
+    (streams, batch slots and captured graphs are made once)."""
+
+    def __init__(self, compressor: Compressor) -> None:
+        self.c = compressor
+        index = compressor.device.index if compressor.device.index is not None else torch.cuda.current_device()
+        self.device = torch.device("cuda", index)
+        torch.cuda.set_device(self.device)
+        self.compute = torch.cuda.Stream(self.device)
+        self.upload = torch.cuda.Stream(self.device)
+        self.download = torch.cuda.Stream(self.device)
+        spec = compressor.encoder.spec
+        options = compressor.options
+        self.slots = [_BatchSlot(options.batch_size, spec.channels, compressor.patch_px, compressor.dtype, self.device)
+                      for _ in range(max(2, options.batches_in_flight))]
+        self.graphs = options.cuda_graph and self._capture_graphs()
+        self.background = torch.from_numpy(compressor.background).to(self.device)
+        self._decode_choice: dict[str, dict[str, Any]] = {}
+        self._reference: Encoder | None = None  # fp32 copy of the encoder, loaded for the error sample
+
+    def _capture_graphs(self) -> bool:
+        try:
+            for slot in self.slots:
+                slot.capture(self.c.encoder)
+        except RuntimeError as exc:  # an encoder with host syncs or dynamic shapes cannot be captured
+            log.warning("cannot capture encoder %r as a CUDA graph (%s); running it eagerly",
+                        self.c.encoder.spec.name, exc)
+            for slot in self.slots:
+                slot.graph = slot.output = None
+            return False
+        return True
+
+    # -- per slide ------------------------------------------------------------------------
+    def stream(self, job: SlideJob) -> StreamResult:
+        decoder, decode_attrs = self._decoder(job)
+        run = _SlideRun(self, job, decoder)
+        try:
+            with torch.cuda.device(self.device), torch.cuda.stream(self.compute):
+                run.stream()
+        finally:
+            decoder.close()
+            run.close()
+        attrs = {"precision": run.precision_attrs, "decode": decode_attrs, "cuda_graph": self.graphs,
+                 "batches_in_flight": len(self.slots)}
+        return StreamResult(run.invalid, attrs)
+
+    def reference_encoder(self) -> Encoder:
+        """The encoder in fp32 on this device: what the half-precision error is measured against."""
+        if self._reference is None:
+            self._reference = load_encoder(self.c.options.encoder, device="cpu").to(self.device, torch.float32)
+        return self._reference
+
+    def _decoder(self, job: SlideJob) -> tuple[_CpuDecode | _GpuDecode, dict[str, Any]]:
+        """The decoder for this slide: --decode cpu/gpu as asked; auto measures each format once."""
+        mode = self.c.options.decode
+        if job.reader.backend != "cucim":
+            return self._cpu_decoder(job), {"device": "cpu", "reason": f"the {job.reader.backend} reader decodes on the CPU only"}
+        if mode != "auto":
+            chosen = {"device": mode, "reason": f"--decode {mode}"}
+        else:
+            key = f"{job.reader.backend}:{job.reader.path.suffix.lower()}"
+            if key not in self._decode_choice:
+                self._decode_choice[key] = self._measure_decoders(job)
+            chosen = self._decode_choice[key]
+        if chosen["device"] == "gpu":
+            return self._gpu_decoder(job), chosen
+        return self._cpu_decoder(job), chosen
+
+    def _cpu_decoder(self, job: SlideJob) -> _CpuDecode:
+        height, width = max_region_px(job.grid, self.c.options.tile_cells)
+        ring = StagingRing(self.c.workers + 2, height * width * RGB, self.c.options.tile_cells ** 2, pin=True)
+        return _CpuDecode(job, ring, self.c.workers)
+
+    def _gpu_decoder(self, job: SlideJob) -> _GpuDecode:
+        return _GpuDecode(job.reader.path, job.level, job.reader.level_downsamples[job.level], self.device)
+
+    def _measure_decoders(self, job: SlideJob) -> dict[str, Any]:
+        """Time one region decoded each way and pick the higher estimated throughput:
+        CPU decoding scales with the reader threads, GPU decodes share one device."""
+        plans = [RegionPlan.of(job.grid, tile, cells) for tile, cells in job.tiles if len(cells)]
+        if not plans:
+            return {"device": "cpu", "reason": "no tissue to measure"}
+        plan = max(plans, key=lambda p: p.height * p.width)
+        cpu_s = _best_of(lambda: job.reader.read_region(job.level, plan.y0, plan.x0, plan.height, plan.width))
+        gpu = self._gpu_decoder(job)
+        try:
+            gpu.read(plan)  # the first GPU decode initialises the codec
+            gpu_s = _best_of(lambda: gpu.read(plan))
+        except Exception as exc:  # noqa: BLE001 - no GPU codec for this file: decode on the CPU
+            return {"device": "cpu", "reason": f"GPU decode unavailable ({type(exc).__name__}: {exc})",
+                    "cpu_region_ms": round(cpu_s * 1e3, 2)}
+        finally:
+            gpu.close()
+        cpu_rate, gpu_rate = self.c.workers / cpu_s, 1.0 / gpu_s
+        return {"device": "gpu" if gpu_rate > cpu_rate else "cpu", "reason": "measured",
+                "cpu_region_ms": round(cpu_s * 1e3, 2), "gpu_region_ms": round(gpu_s * 1e3, 2),
+                "cpu_threads": self.c.workers, "region_px": [plan.height, plan.width]}
+
+
+def _best_of(read: Callable[[], Any]) -> float:
+    best = math.inf
+    for _ in range(DECODE_PROBE_READS):
+        t0 = time.perf_counter()
+        read()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _host_event() -> torch.cuda.Event:
+    """An event a host thread waits on: blocking, so the waiting thread sleeps instead of
+    spinning on a core that the decoders need."""
+    return torch.cuda.Event(blocking=True)
+
+
+class _SlideRun:
+    """The state of one slide on the GPU: region buffers, tile pool, the partial batch."""
+
+    def __init__(self, engine: CudaEngine, job: SlideJob, decoder: _CpuDecode | _GpuDecode) -> None:
+        self.e, self.c, self.job, self.decoder = engine, engine.c, job, decoder
+        self.timings: Timings = job.timings
+        options = self.c.options
+        height, width = max_region_px(job.grid, options.tile_cells)
+        max_cells = options.tile_cells ** 2
+        self.regions = [_DeviceRegion(torch.empty(height * width * RGB, dtype=torch.uint8, device=engine.device),
+                                      torch.empty((max_cells, 2), dtype=torch.int32, device=engine.device),
+                                      torch.cuda.Event()) for _ in range(2)]
+        for region in self.regions:
+            region.free.record(engine.compute)
+        self.next_region = 0
+        tile_numel = len(self.c.variants) * max_cells * self.c.encoder.spec.code_size
+        self.tiles = _TilePool(2 * (self.c.workers + 2), tile_numel, engine.device)
+        self.writer = TileWriter(job.store, max_pending=len(self.tiles.device_buffers))
+        self.releaser = EventReleaser()
+        self.batch = _DeviceBatch(self)
+        self.invalid = 0
+        self.precision_attrs: dict[str, Any] = {"dtype": str(self.c.dtype).removeprefix("torch.")}
+        self.wait = {"batch_wait_s": 0.0, "tile_wait_s": 0.0}
+
+    def stream(self) -> None:
+        decoder = self.decoder
+        failed: list[str] = []
+        read = 0
+        with ThreadPoolExecutor(decoder.threads, thread_name_prefix="nic-fast-read") as pool:
+            in_flight: deque[Future[_Staged]] = deque()
+            for tile, cells in self.job.tiles:
+                if len(cells) == 0:
+                    h, w = tile.shape
+                    self.writer.put(WriteJob(tile, background_tile(self.c, tile), np.ones((h, w), bool)))
+                    continue
+                in_flight.append(pool.submit(decoder, RegionPlan.of(self.job.grid, tile, cells)))
+                if len(in_flight) >= decoder.lookahead:
+                    read += 1
+                    self._consume(in_flight.popleft(), failed)
+            while in_flight:
+                read += 1
+                self._consume(in_flight.popleft(), failed)
+        self.batch.flush()
+        fail_if_unreadable(self.job.reader, failed, read)
+
+    def close(self) -> None:
+        """Wait for the queued work, then let the writer and releaser finish."""
+        try:
+            self.e.compute.synchronize()
+            self.e.download.synchronize()
+        finally:
+            try:
+                self.writer.close()
+            finally:
+                self.releaser.close()
+                self.timings.extra.update(self.wait)
+
+    def _consume(self, future: Future[_Staged], failed: list[str]) -> None:
+        t0 = time.perf_counter()
+        staged = future.result()
+        self.timings.read_wait_s += time.perf_counter() - t0
+        plan = staged.plan
+        tile = self._device_tile(plan.tile)
+        if staged.error:  # the tile's only region: it is finished, its tissue cells not valid
+            failed.append(staged.error)
+            self.invalid += plan.n_cells
+            tile.valid[plan.local_cells[:, 0], plan.local_cells[:, 1]] = False
+            self.finish_tile(tile)
+            return
+        if staged.slot is not None:
+            region, cells, buffer = self._upload(staged.slot, plan)
+        else:
+            assert staged.device_pixels is not None
+            region, cells, buffer = staged.device_pixels, torch.from_numpy(plan.level_px).to(self.e.device), None
+        self.batch.add(region, cells, plan, tile)
+        read_done = _host_event()
+        read_done.record(self.e.compute)
+        if buffer is not None:
+            buffer.free = read_done
+        else:  # keep cuCIM's device memory alive until the kernels reading it have run
+            self.releaser.put(read_done.synchronize, partial(_drop, staged))
+
+    def _upload(self, slot: StagingSlot, plan: RegionPlan) -> tuple[torch.Tensor, torch.Tensor, _DeviceRegion]:
+        """Copy a staged region to the next device region buffer on the upload stream."""
+        buffer = self.regions[self.next_region]
+        self.next_region = (self.next_region + 1) % len(self.regions)
+        n_bytes = plan.height * plan.width * RGB
+        with torch.cuda.stream(self.e.upload):
+            self.e.upload.wait_event(buffer.free)  # the kernels reading its last region are done
+            buffer.pixels[:n_bytes].copy_(slot.pixels[:n_bytes], non_blocking=True)
+            buffer.cells[: plan.n_cells].copy_(slot.cells[: plan.n_cells], non_blocking=True)
+            copied = _host_event()
+            copied.record(self.e.upload)
+        assert isinstance(self.decoder, _CpuDecode)  # only the CPU decoder stages on the host
+        self.releaser.put(copied.synchronize, partial(self.decoder.ring.release, slot))
+        self.e.compute.wait_event(copied)
+        return buffer.pixels[:n_bytes].view(plan.height, plan.width, RGB), buffer.cells[: plan.n_cells], buffer
+
+    def _device_tile(self, tile: Tile) -> _DeviceTile:
+        """A device tile filled with the background embedding, from the pool. When none is
+        free, the partial batch is encoded first: its tiles are what holds the pool."""
+        index = self.tiles.try_acquire()
+        if index is None:
+            self.batch.flush()
+            t0 = time.perf_counter()
+            index = self.tiles.acquire()
+            self.wait["tile_wait_s"] += time.perf_counter() - t0
+        h, w = tile.shape
+        shape = (len(self.c.variants), h, w, self.c.encoder.spec.code_size)
+        numel = math.prod(shape)
+        embeddings = self.tiles.device_buffers[index][:numel].view(shape)
+        embeddings.copy_(self.e.background.expand(shape))
+        host = self.tiles.host_buffers[index][:numel].view(shape)
+        return _DeviceTile(tile, index, embeddings, host, np.ones((h, w), bool), pending=0)
+
+    def scattered(self, tile: _DeviceTile, count: int) -> None:
+        """``count`` of the tile's patch embeddings are queued into it; the last finishes it."""
+        tile.pending -= count
+        if tile.pending == 0:
+            self.finish_tile(tile)
+
+    def finish_tile(self, tile: _DeviceTile) -> None:
+        """Queue the tile's copy to the host; the writer waits for it, writes, and frees it."""
+        scattered = torch.cuda.Event()
+        scattered.record(self.e.compute)
+        with torch.cuda.stream(self.e.download):
+            self.e.download.wait_event(scattered)
+            tile.host.copy_(tile.embeddings, non_blocking=True)
+            copied = _host_event()
+            copied.record(self.e.download)
+        self.writer.put(WriteJob(tile.tile, tile.host.numpy(), tile.valid, ready=copied.synchronize,
+                                 release=partial(self.tiles.release, tile.buffer)))
+
+
+def _drop(staged: _Staged) -> None:
+    staged.device_pixels = staged.owner = None
+
+
+class _DeviceBatch:
+    """Fills batch slots with patches from many regions, encodes each when full, and
+    scatters the embeddings into their device tiles; at most ``len(slots)`` batches are
+    queued on the GPU at once."""
+
+    def __init__(self, run: _SlideRun) -> None:
+        self.run = run
+        self.e, self.c = run.e, run.c
+        self.index = 0
+        self.filled = 0
+        self.parts: list[tuple[_DeviceTile, int, np.ndarray, int, int]] = []  # tile, variant, cells, start, count
+        self.sample = self.c.dtype != torch.float32  # measure the half-precision error on this slide's first batch
+        self.reference_input: torch.Tensor | None = None
+
+    @property
+    def slot(self) -> _BatchSlot:
+        return self.e.slots[self.index]
+
+    def add(self, region: torch.Tensor, cells: torch.Tensor, plan: RegionPlan, tile: _DeviceTile) -> None:
+        tile.pending += plan.n_cells * len(self.c.variants)
+        capacity = len(self.slot.input)
+        for variant in self.c.variants:
+            start = 0
+            while start < plan.n_cells:
+                count = min(plan.n_cells - start, capacity - self.filled)
+                rows = slice(self.filled, self.filled + count)
+                self._patchify(region, cells[start : start + count], self.slot.input[rows], plan.level_px[start : start + count], variant)
+                if self.sample:
+                    self._patchify(region, cells[start : start + count], self._reference_input()[rows],
+                                   plan.level_px[start : start + count], variant)
+                self.parts.append((tile, variant, plan.local_cells[start : start + count], self.filled, count))
+                self.filled += count
+                start += count
+                if self.filled == capacity:
+                    self.flush()
+
+    def _patchify(self, region: torch.Tensor, cells: torch.Tensor, out: torch.Tensor, host_cells: np.ndarray,
+                  variant: int) -> None:
+        kernels.patchify(region, cells, out, scale=self.c.scale, offset=self.c.offset, downsample=self.c.downsample,
+                         dihedral=variant, host_cells=host_cells)
+
+    def _reference_input(self) -> torch.Tensor:
+        if self.reference_input is None:
+            self.reference_input = torch.empty(self.slot.input.shape, dtype=torch.float32, device=self.e.device
+                                               ).contiguous(memory_format=torch.channels_last)
+        return self.reference_input
+
+    def flush(self) -> None:
+        if self.filled == 0:
+            return
+        slot, filled = self.slot, self.filled
+        embeddings = slot.encode(self.c.encoder, filled)
+        host_cells = slot.host_cells.numpy()
+        for _, _, cells, start, count in self.parts:
+            host_cells[start : start + count] = cells
+        slot.cells[:filled].copy_(slot.host_cells[:filled], non_blocking=True)
+        if self.sample:
+            self._measure_error(embeddings)
+        for tile, variant, cells, start, count in self.parts:
+            kernels.scatter(embeddings[start : start + count], slot.cells[start : start + count],
+                            tile.embeddings[variant], host_cells=cells)
+            self.run.scattered(tile, count)
+        slot.done.record(self.e.compute)
+        if self.run.job.progress:
+            self.run.job.progress(filled)
+        self.parts.clear()
+        self.filled = 0
+        self.index = (self.index + 1) % len(self.e.slots)
+        t0 = time.perf_counter()
+        self.slot.done.synchronize()  # back-pressure: the slot's previous batch has left the GPU
+        self.run.wait["batch_wait_s"] += time.perf_counter() - t0
+
+    def _measure_error(self, embeddings: torch.Tensor) -> None:
+        """Relative L2 and max-abs error of this batch's embeddings against the fp32 encoder
+        on fp32 patches of the same pixels (one host sync, once per slide)."""
+        n = len(embeddings)
+        assert self.reference_input is not None
+        reference = self.e.reference_encoder()(self.reference_input[:n]).float()
+        error = embeddings.float() - reference
+        self.run.precision_attrs.update({
+            "reference": "float32 encoder on float32 patches",
+            "sample_patches": n,
+            "relative_l2_error": float(error.norm() / reference.norm().clamp_min(1e-30)),
+            "max_abs_error": float(error.abs().max()),
+        })
+        self.sample = False
+        self.reference_input = None
