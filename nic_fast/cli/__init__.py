@@ -29,5 +29,10 @@ def _register() -> None:
     main.add_command(info.info)
     main.add_command(synth.synth)
 
+    from nic_fast.cli import probe, train_encoder
+
+    main.add_command(train_encoder.train_encoder)
+    main.add_command(probe.probe_command)
+
 
 _register()
