@@ -430,7 +430,8 @@ class Compressor:
         self.options = options
         self.device = torch.device(options.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise SlideError("--device cuda was given but PyTorch sees no CUDA device; use --device cpu")
+            raise RuntimeError(f"--device cuda was given but PyTorch {torch.__version__} sees no CUDA device; "
+                               "use --device cpu")
         if options.decode not in DECODERS:
             raise ValueError(f"decode must be one of {', '.join(DECODERS)}, got {options.decode!r}")
         if options.decode == "gpu" and self.device.type != "cuda":

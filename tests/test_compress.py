@@ -229,3 +229,14 @@ def test_info_and_incomplete_store(tmp_path, cmu_svs):
     (tmp_path / "fake.zarr").mkdir()
     result = runner.invoke(main, ["info", str(tmp_path / "fake.zarr")])
     assert result.exit_code != 0 and "not a nic-fast store" in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_cuda_options_without_cuda_fail_with_the_fix():
+    runner = CliRunner()
+    result = runner.invoke(main, ["compress", "x.svs", "-o", "out", "--device", "cuda"])
+    assert result.exit_code != 0 and "sees no CUDA device" in result.output and "--device cpu" in result.output
+    with pytest.raises(ValueError, match="--precision fp16 needs a GPU"):
+        Compressor(CompressOptions(precision="fp16"))
+    with pytest.raises(ValueError, match="--decode gpu needs --device cuda"):
+        Compressor(CompressOptions(decode="gpu"))
