@@ -121,12 +121,12 @@ def decode_cpu(slide: Path, level: int, plans: list[Any], threads: int) -> float
 
 def decode_gpu(slide: Path, level: int, plans: list[Any]) -> float:
     """Seconds for cuCIM's GPU decode to read every region (as the pipeline's GPU decoder)."""
-    from nic_fast.pipeline_cuda import GPU_DECODE_THREADS, _GpuDecode
+    from nic_fast.pipeline_cuda import GPU_DECODE_THREADS, GpuDecoder
     from nic_fast.slides import open_slide
 
     with open_slide(slide, backend="cucim") as reader:
         downsample = reader.level_downsamples[level]
-    decoder = _GpuDecode(slide, level, downsample, torch.device("cuda", 0))
+    decoder = GpuDecoder(slide, level, downsample, torch.device("cuda", 0))
     decoder.read(plans[0])  # initialises the codec
     t0 = time.perf_counter()
     with ThreadPoolExecutor(GPU_DECODE_THREADS) as pool:
@@ -224,13 +224,13 @@ def naive_baseline(slide: Path, store_path: Path, encoder_path: Path, batch_size
     store = open_store(store_path)
     cells = np.argwhere(store.tissue)[:n_patches]
     encoder = load_encoder(encoder_path).to("cuda", torch.float16)
+    scale, offset = (torch.tensor(v, device="cuda").view(1, -1, 1, 1) for v in encoder.spec.scale_offset())
     loader = torch.utils.data.DataLoader(_NaivePatches(slide, cells), batch_size=batch_size, num_workers=workers,
                                          pin_memory=True)
     grid = np.zeros((*store.grid_shape, store.code_size), np.float16)
     t0 = time.perf_counter()
     for pixels, ij in loader:
-        x = torch.nn.functional.avg_pool2d(pixels.cuda(non_blocking=True).float(), DOWNSAMPLE)
-        x = (x / 255.0 - 0.5) / 0.5
+        x = torch.nn.functional.avg_pool2d(pixels.cuda(non_blocking=True).float(), DOWNSAMPLE) * scale + offset
         grid[ij[:, 0], ij[:, 1]] = encoder(x).float().cpu().numpy().astype(np.float16)
     return len(cells) / (time.perf_counter() - t0)
 

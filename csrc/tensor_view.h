@@ -44,8 +44,11 @@ class TensorView {
       throw py::type_error(std::string(name) + ": expected an array with __dlpack__ (torch tensor, numpy array), got " +
                            std::string(py::str(py::type::of(obj))));
     }
-    py::object capsule = cuda_stream >= 0 ? obj.attr("__dlpack__")(py::arg("stream") = cuda_stream)
-                                          : obj.attr("__dlpack__")();
+    // The consumer's stream matters only for device memory; host arrays (numpy) refuse one.
+    const bool on_device = cuda_stream >= 0 && py::hasattr(obj, "__dlpack_device__") &&
+                           obj.attr("__dlpack_device__")().cast<py::tuple>()[0].cast<int>() == kDLCUDA;
+    py::object capsule = on_device ? obj.attr("__dlpack__")(py::arg("stream") = cuda_stream)
+                                   : obj.attr("__dlpack__")();
     auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
     if (managed == nullptr) throw py::error_already_set();
     // We consume the capsule: rename it so its destructor leaves the tensor to us.

@@ -53,7 +53,7 @@ from nic_fast.encoders import Encoder, load_encoder
 from nic_fast.grid import Tile
 from nic_fast.slides import SlideError
 
-__all__ = ["CudaEngine", "EventReleaser", "StagingRing"]
+__all__ = ["CpuDecoder", "CudaEngine", "EventReleaser", "GpuDecoder", "StagingRing"]
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ class _BatchSlot:
 # -- decoders -------------------------------------------------------------------------------
 
 
-class _CpuDecode:
+class CpuDecoder:
     """cuCIM (or OpenSlide) decodes on a reader thread into a pinned staging slot."""
 
     def __init__(self, job: SlideJob, ring: StagingRing, threads: int) -> None:
@@ -263,7 +263,7 @@ class _CpuDecode:
         self.handles.close()
 
 
-class _GpuDecode:
+class GpuDecoder:
     """cuCIM decodes on the GPU (nvJPEG, or nvImageCodec with the cuslide2 plugin) into
     device memory, which the patchify kernel reads in place."""
 
@@ -361,7 +361,7 @@ class CudaEngine:
             self._reference = load_encoder(self.c.options.encoder, device="cpu").to(self.device, torch.float32)
         return self._reference
 
-    def _decoder(self, job: SlideJob) -> tuple[_CpuDecode | _GpuDecode, dict[str, Any]]:
+    def _decoder(self, job: SlideJob) -> tuple[CpuDecoder | GpuDecoder, dict[str, Any]]:
         """The decoder for this slide: --decode cpu/gpu as asked; auto measures each format once."""
         mode = self.c.options.decode
         if job.reader.backend != "cucim":
@@ -377,13 +377,13 @@ class CudaEngine:
             return self._gpu_decoder(job), chosen
         return self._cpu_decoder(job), chosen
 
-    def _cpu_decoder(self, job: SlideJob) -> _CpuDecode:
+    def _cpu_decoder(self, job: SlideJob) -> CpuDecoder:
         height, width = max_region_px(job.grid, self.c.options.tile_cells)
         ring = StagingRing(self.c.workers + 2, height * width * RGB, self.c.options.tile_cells ** 2, pin=True)
-        return _CpuDecode(job, ring, self.c.workers)
+        return CpuDecoder(job, ring, self.c.workers)
 
-    def _gpu_decoder(self, job: SlideJob) -> _GpuDecode:
-        return _GpuDecode(job.reader.path, job.level, job.reader.level_downsamples[job.level], self.device)
+    def _gpu_decoder(self, job: SlideJob) -> GpuDecoder:
+        return GpuDecoder(job.reader.path, job.level, job.reader.level_downsamples[job.level], self.device)
 
     def _measure_decoders(self, job: SlideJob) -> dict[str, Any]:
         """Time one region decoded each way and pick the higher estimated throughput:
@@ -426,7 +426,7 @@ def _host_event() -> torch.cuda.Event:
 class _SlideRun:
     """The state of one slide on the GPU: region buffers, tile pool, the partial batch."""
 
-    def __init__(self, engine: CudaEngine, job: SlideJob, decoder: _CpuDecode | _GpuDecode) -> None:
+    def __init__(self, engine: CudaEngine, job: SlideJob, decoder: CpuDecoder | GpuDecoder) -> None:
         self.e, self.c, self.job, self.decoder = engine, engine.c, job, decoder
         self.timings: Timings = job.timings
         options = self.c.options
@@ -516,7 +516,7 @@ class _SlideRun:
             buffer.cells[: plan.n_cells].copy_(slot.cells[: plan.n_cells], non_blocking=True)
             copied = _host_event()
             copied.record(self.e.upload)
-        assert isinstance(self.decoder, _CpuDecode)  # only the CPU decoder stages on the host
+        assert isinstance(self.decoder, CpuDecoder)  # only the CPU decoder stages on the host
         self.releaser.put(copied.synchronize, partial(self.decoder.ring.release, slot))
         self.e.compute.wait_event(copied)
         return buffer.pixels[:n_bytes].view(plan.height, plan.width, RGB), buffer.cells[: plan.n_cells], buffer
