@@ -31,8 +31,8 @@ PATCH_PX = 128
 def slides(tmp_path_factory) -> list[Path]:
     """Two small H&E-like slides at 0.5 µm/px (8×8 and 8×9 cells of 128 px) with lesion masks."""
     folder = tmp_path_factory.mktemp("slides")
-    return [write_synthetic_slide(folder / f"s{k}.tif", height=1024, width=1024 + 128 * k, seed=20 + k, lesion=True).path
-            for k in range(2)]
+    return [write_synthetic_slide(folder / f"s{k}.tif", height=1024, width=1024 + 128 * k, seed=20 + k,
+                                  lesion=True).path for k in range(2)]
 
 
 def patch_set(n: int, sources: int = 1, neighbours: bool = False) -> PatchSet:
@@ -60,7 +60,8 @@ def test_sampled_patches_are_what_compress_encodes(tmp_path, scanned_mpp):
     """Each patch's mean colour equals the mean-rgb code compress stores for its cell, at 20x
     and at 40x (where both box-average a finer level by 2)."""
     side = 1024 if scanned_mpp == 0.5 else 2048
-    slide = write_synthetic_slide(tmp_path / "s.tif", height=side, width=side, mpp=scanned_mpp, seed=3, lesion=False).path
+    slide = write_synthetic_slide(tmp_path / "s.tif", height=side, width=side, mpp=scanned_mpp, seed=3,
+                                  lesion=False).path
     patches = sample_slide_patches([slide], SlideSampling(patch_px=PATCH_PX, patches_per_slide=10, min_tissue=0.5))
     Compressor(CompressOptions(encoder="mean-rgb", min_tissue=0.1)).run([slide], tmp_path / "out")
     grid = open_store(tmp_path / "out" / "s.zarr").load()
@@ -115,20 +116,23 @@ def test_mask_labels_are_the_majority_mask_value(tmp_path, slides):
     slide = tmp_path / "m.tif"
     slide.symlink_to(slides[0])
     Image.fromarray(np.repeat(np.array([[0] * 32 + [255] * 32], np.uint8), 64, axis=0)).save(tmp_path / "m_mask.png")
-    patches = sample_slide_patches([slide], SlideSampling(patch_px=PATCH_PX, patches_per_slide=40, mask_suffix="_mask.png"))
+    sampling = SlideSampling(patch_px=PATCH_PX, patches_per_slide=40, mask_suffix="_mask.png")
+    patches = sample_slide_patches([slide], sampling)
     assert patches.class_names == ["0", "255"]
     np.testing.assert_array_equal(patches.labels, (patches.cells[:, 1] >= 4).astype(int))
 
 
 def test_missing_mask_names_the_file_and_the_fix(slides):
     with pytest.raises(FileNotFoundError, match=r"s0_lesion\.png.*--mask-suffix"):
-        sample_slide_patches(slides[:1], SlideSampling(patch_px=PATCH_PX, patches_per_slide=2, mask_suffix="_lesion.png"))
+        sample_slide_patches(slides[:1], SlideSampling(patch_px=PATCH_PX, patches_per_slide=2,
+                                                       mask_suffix="_lesion.png"))
 
 
 def test_labelled_points_are_centred_patches(tmp_path, slides):
     table = tmp_path / "points.csv"
     with open(table, "w", newline="") as f:
-        csv.writer(f).writerows([("slide", "x", "y", "label"), ("s0", 300, 200, "tumour"), ("s1.tif", 640, 512, "normal")])
+        csv.writer(f).writerows([("slide", "x", "y", "label"), ("s0", 300, 200, "tumour"),
+                                 ("s1.tif", 640, 512, "normal")])
     patches = sample_labelled_points(table, slides, SlideSampling(patch_px=PATCH_PX))
     assert patches.class_names == ["normal", "tumour"] and patches.labels.tolist() == [1, 0]
     with open_slide(slides[0]) as reader:
@@ -168,7 +172,8 @@ def test_pairs_without_neighbours_or_second_slide_use_any_other_patch():
 
 
 def test_zarr_cache_round_trip(tmp_path, slides):
-    patches = sample_slide_patches(slides, SlideSampling(patch_px=PATCH_PX, patches_per_slide=3, mask_suffix="_mask.png"))
+    sampling = SlideSampling(patch_px=PATCH_PX, patches_per_slide=3, mask_suffix="_mask.png")
+    patches = sample_slide_patches(slides, sampling)
     path = save_patch_cache(patches, tmp_path / "cache.zarr")
     loaded = load_patch_set(path)
     for name in ("images", "source", "neighbours", "cells", "labels"):

@@ -308,7 +308,8 @@ def test_cli_cache_resume_and_errors(tmp_path, slide_set):
     first = runner.invoke(main, ["train-encoder", "contrastive", str(slide_set["a"]), "-o", str(encoder),
                                  "--cache", str(cache), "--epochs", "1", *base])
     assert first.exit_code == 0, first.output
-    again = runner.invoke(main, ["train-encoder", "contrastive", str(cache), "-o", str(encoder), "--epochs", "2", *base])
+    again = runner.invoke(main, ["train-encoder", "contrastive", str(cache), "-o", str(encoder), "--epochs", "2",
+                                 *base])
     assert again.exit_code == 1 and "--resume" in again.output
     resumed = runner.invoke(main, ["train-encoder", "contrastive", str(cache), "-o", str(encoder), "--epochs", "2",
                                    "--resume", *base])

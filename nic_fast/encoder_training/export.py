@@ -14,9 +14,10 @@ from pathlib import Path
 
 from torch import nn
 
+from nic_fast.encoder_training.fit import FitResult
+from nic_fast.encoder_training.models import bigan_downsample
 from nic_fast.encoders import EncoderSpec, save_encoder, weights_sha256
 from nic_fast.encoders.builtin import MeanRGB
-from nic_fast.encoder_training.fit import FitResult
 
 TRAINING_MEAN = 0.5  # training inputs are x / 255 * 2 - 1
 TRAINING_STD = 0.5
@@ -32,8 +33,9 @@ def trained_spec(result: FitResult, *, name: str, mpp: float | None) -> EncoderS
                    f"input x / 255 scaled to [-1, 1]")
     if result.method == "vae":
         description += "; outputs the posterior mean μ"
-    if result.method == "bigan":
-        description += "; pools its input 2×2 inside the module when trained on ≥ 32-px patches"
+    pool = bigan_downsample(arch.patch_px)
+    if result.method == "bigan" and pool > 1:
+        description += f"; average-pools its input {pool}×{pool} inside the module, as the paper's BiGAN"
     spec = EncoderSpec(name=name, input_px=arch.patch_px, mpp=mpp, channels=arch.channels,
                        mean=(TRAINING_MEAN,) * arch.channels, std=(TRAINING_STD,) * arch.channels,
                        code_size=arch.code_size, sha256="", description=description)

@@ -153,7 +153,8 @@ def fit(config: TrainConfig, patches: PatchSet, run_dir: Path, *, resume: bool =
 def _check_config(config: TrainConfig) -> None:
     if config.method not in METHODS:
         raise TrainingError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
-    if config.epochs < 1 or config.batch_size < 2 or (config.steps_per_epoch is not None and config.steps_per_epoch < 1):
+    steps_ok = config.steps_per_epoch is None or config.steps_per_epoch >= 1
+    if config.epochs < 1 or config.batch_size < 2 or not steps_ok:
         raise TrainingError("epochs and steps per epoch must be at least 1, the batch size at least 2 "
                             f"(got {config.epochs}, {config.steps_per_epoch}, {config.batch_size})")
     if not 0 < config.val_fraction < 1:

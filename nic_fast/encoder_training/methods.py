@@ -127,7 +127,8 @@ class Method(abc.ABC):
             yield part, normalise(to_unit(self.val.images[part], self.device))
 
 
-def _adam(modules: list[nn.Module], learning_rate: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
+def _adam(modules: list[nn.Module], learning_rate: float,
+          betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
     return torch.optim.Adam(parameter_groups(modules), lr=learning_rate, betas=betas)
 
 
@@ -166,7 +167,7 @@ class VAEMethod(Method):
                 reconstruction, mu, log_var = self.model(x)
                 losses = VAE.loss(x, reconstruction, mu, log_var, self.kl_weight)
                 totals += np.array([v.item() for v in losses]) * (part.stop - part.start)
-        loss, mse, kl = totals / len(self.val)
+        loss, mse, kl = (float(v) for v in totals / len(self.val))
         return {"val_loss": loss, "val_mse": mse, "val_kl": kl}
 
     def encoder(self) -> nn.Module:
@@ -357,7 +358,8 @@ class BiGANMethod(Method):
                 real_logits = self.model.discriminator(self.model.pool(x), code)
                 fake_logits = self.model.discriminator(self.model.generator(latent), latent)
                 correct += ((real_logits > 0).float().sum() + (fake_logits <= 0).float().sum()).item() / 2
-                mse_sum += ((self.model.generator(code) - self.model.pool(x)) ** 2).mean().item() * (part.stop - part.start)
+                error = (self.model.generator(code) - self.model.pool(x)) ** 2
+                mse_sum += error.mean().item() * (part.stop - part.start)
         n = len(self.val)
         return {"val_d_accuracy": correct / n, "val_reconstruction_mse": mse_sum / n}
 
@@ -370,7 +372,8 @@ class BiGANMethod(Method):
         x = normalise(to_unit(self.val.images[:PREVIEW_PATCHES], self.device))
         samples = self.model.generator(self.preview_latent)
         pooled = self.model.pool(x)
-        return Preview("samples", [to_uint8(samples), to_uint8(pooled), to_uint8(self.model.generator(self.model.encoder(x)))])
+        reconstructions = self.model.generator(self.model.encoder(x))
+        return Preview("samples", [to_uint8(samples), to_uint8(pooled), to_uint8(reconstructions)])
 
 
 _CLASSES: dict[str, type[Method]] = {

@@ -58,7 +58,8 @@ def load_mnist_npz(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray
     with np.load(path) as data:
         missing = sorted({"images", "labels"} - set(data.files))
         if missing:
-            raise ValueError(f"{path}: missing arrays {missing}; an MNIST .npz holds 'images' (N, 28, 28) and 'labels' (N,)")
+            raise ValueError(f"{path}: missing arrays {missing}; "
+                             "an MNIST .npz holds 'images' (N, 28, 28) and 'labels' (N,)")
         images, labels = data["images"], data["labels"].astype(np.int64)
     if len(images) != len(labels):
         raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels")

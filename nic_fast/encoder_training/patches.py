@@ -53,7 +53,8 @@ class PatchSet:
 
     def __post_init__(self) -> None:
         images = self.images
-        if images.ndim != 4 or images.dtype != np.uint8 or images.shape[1] != images.shape[2] or images.shape[3] not in (1, 3):
+        square = images.ndim == 4 and images.shape[1] == images.shape[2] and images.shape[3] in (1, 3)
+        if not square or images.dtype != np.uint8:
             raise ValueError(f"patches must be uint8 (N, P, P, 1|3), got {images.dtype} {images.shape}")
         n = len(images)
         if len(self.source) != n:
@@ -146,8 +147,9 @@ def sample_slide_patches(slides: Sequence[Path], sampling: SlideSampling,
         if on_slide is not None:
             on_slide(path, len(anchors))
     if sum(map(len, sources)) < 2:
-        raise ValueError(f"found fewer than 2 tissue patches in {len(slides)} slide(s) at {sampling.mpp:g} µm/px with "
-                         f"{sampling.patch_px}-px patches; lower --min-tissue ({sampling.min_tissue:g}) or give more slides")
+        raise ValueError(f"found fewer than 2 tissue patches in {len(slides)} slide(s) at {sampling.mpp:g} µm/px "
+                         f"with {sampling.patch_px}-px patches; lower --min-tissue ({sampling.min_tissue:g}) "
+                         "or give more slides")
     labels, class_names = _classes_from_values(np.concatenate(values)) if values else (None, None)
     return PatchSet(images=np.concatenate(images), source=np.concatenate(sources),
                     sources=[str(s) for s in slides], mpp=sampling.mpp, neighbours=np.concatenate(neighbours),
