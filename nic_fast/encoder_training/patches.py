@@ -194,7 +194,8 @@ def contrastive_pairs(patches: PatchSet, anchors: np.ndarray,
     Half the pairs are *same*: the anchor itself (its two views then differ only by
     augmentation). A *different* partner is the anchor's adjacent patch 75 % of the time
     and a patch of another slide otherwise, as in the paper. Sets without neighbours
-    (independent patches such as digits) and one-slide sets draw any other patch instead.
+    (independent patches such as digits) draw every *different* partner at random from
+    the other patches, and one-slide sets draw their "other slide" partner that way.
     """
     n = len(anchors)
     same = rng.random(n) < SAME_FRACTION
@@ -287,7 +288,11 @@ def _mask_path(slide: Path, suffix: str) -> Path:
 
 
 def _mask_values(mask_path: Path, reader: SlideReader, slide_grid: _SlideGrid, cells: np.ndarray) -> np.ndarray:
-    """Majority mask value over each cell's patch; the mask may be at any fraction of level 0."""
+    """Majority mask value over each cell's patch; the mask may be at any fraction of level 0.
+
+    The mask is read whole, so give it at a reduced resolution (the synthetic slides'
+    masks are at 1/16 of level 0) rather than at full slide size.
+    """
     with Image.open(mask_path) as image:
         mask = np.asarray(image.convert("L"))
     height0, width0 = reader.level_dims[0]
