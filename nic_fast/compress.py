@@ -13,6 +13,14 @@ then stream the tissue tiles through an engine:
 Reading the next regions overlaps encoding the current batch and memory stays flat
 whatever the slide size. Every failure is confined to its slide (or, for an unreadable
 region, to its cells, which the store marks not ``valid``).
+
+Plain images (``mpp=None``, the CLI's ``--mpp none``) are read in pixel units through
+the image backend: level 0, no resampling, no µm/px checks, the store's µm/px attributes
+null. Grayscale images keep one channel and need a one-channel encoder. A saturation
+tissue mask means nothing on a grayscale image (everything has saturation 0), so every
+cell of one is encoded; its thumbnail is stored as three equal channels, as the store's
+contract asks. Plain images are held in memory and cut into patches on the host, so
+they always take the CPU engine (the encoder itself still runs on ``device``).
 """
 from __future__ import annotations
 
@@ -60,7 +68,7 @@ class CompressOptions:
     """What `nic-fast compress` is asked to do; the CLI maps its flags one to one."""
 
     encoder: str = "mean-rgb"
-    mpp: float = 0.5  # working resolution, µm/px
+    mpp: float | None = 0.5  # working resolution, µm/px; None: plain images in pixel units (image backend)
     mpp_tolerance: float = 0.1  # relative
     patch_px: int | None = None  # default: the encoder's input size
     stride_px: int | None = None  # default: patch_px
@@ -98,6 +106,20 @@ class SlideResult:
 
 
 ProgressFn = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class ReadPlanLevel:
+    """Which level a slide is read at and by how much it is box-downsampled; the µm/px
+    are None for a plain image read in pixel units."""
+
+    level: int
+    downsample: int
+    level_mpp: float | None
+    working_mpp: float | None
+
+
+PIXEL_UNITS = ReadPlanLevel(level=0, downsample=1, level_mpp=None, working_mpp=None)
 
 
 def _header_sha256(path: Path, n_bytes: int = 1 << 20) -> str:
@@ -446,6 +468,9 @@ class Compressor:
         self.stride_px = options.stride_px or self.patch_px
         scale, offset = spec.scale_offset()
         self.scale, self.offset = list(scale), list(offset)
+        if options.mpp is None and (options.slide_mpp is not None or options.slide_mpp_csv is not None):
+            raise ValueError("--slide-mpp and --slide-mpp-csv give a slide's µm/px, which plain images read with "
+                             "--mpp none do not use; leave them out or give --mpp in µm/px")
         self.mpp_table = load_mpp_csv(options.slide_mpp_csv) if options.slide_mpp_csv else None
         self.variants = DIHEDRAL if options.augment else (0,)
         default_workers = available_cpus() if self.device.type == "cuda" else CPU_READER_THREADS
@@ -454,8 +479,13 @@ class Compressor:
         self.background = self._background_embedding()
         self.engine: Engine = self._engine()
 
+    @property
+    def pixel_units(self) -> bool:
+        """Plain images read pixel for pixel (``--mpp none``)."""
+        return self.options.mpp is None
+
     def _engine(self) -> Engine:
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or self.pixel_units:
             return CpuEngine(self)
         from nic_fast.pipeline_cuda import CudaEngine  # imported only where a GPU runs
 
@@ -472,7 +502,7 @@ class Compressor:
     def encode(self, patches: torch.Tensor) -> np.ndarray:
         """(N, C, P, P) normalised patches → float32 (N, code_size) on the host."""
         with torch.inference_mode():
-            x = patches.to(self.device, non_blocking=True)
+            x = patches.to(self.device, self.dtype, non_blocking=True)
             out = self.encoder(x)
         return out.float().cpu().numpy()
 
@@ -526,18 +556,17 @@ class Compressor:
             raise SlideError(f"{slide}: no such file")
         timings = Timings()
         t_start = time.perf_counter()
-        slide_mpp = resolve_slide_mpp(slide, self.options.slide_mpp, self.mpp_table)
-        with open_slide(slide, slide_mpp=slide_mpp) as reader:
-            level_mpps = [reader.level_mpp(level) for level in range(reader.level_count)]
-            choice = choose_level(level_mpps, self.options.mpp, self.options.mpp_tolerance, slide=slide.name)
+        with self._open(slide) as reader:
+            self._check_channels(reader)
+            choice = self._read_level(reader, slide)
             self.downsample = choice.downsample
             level_h, level_w = reader.level_dims[choice.level]
             grid = GridGeometry.over_level(level_h, level_w, patch_px=self.patch_px, stride_px=self.stride_px,
                                            downsample=choice.downsample)
             t0 = time.perf_counter()
             thumbnail, thumb_downsample = self._thumbnail(reader, choice.level, grid)
-            tissue = detect_tissue(thumbnail, grid, min_fraction=self.options.min_tissue,
-                                   thumb_px_per_level_px=reader.level_downsamples[choice.level] / thumb_downsample)
+            tissue = self._tissue(thumbnail, grid, reader.level_downsamples[choice.level] / thumb_downsample)
+            thumbnail = np.repeat(thumbnail, 3, axis=2) if thumbnail.shape[2] == 1 else thumbnail
             timings.thumbnail_s = time.perf_counter() - t0
             n_cells = int(tissue.cells.sum())
             if n_cells == 0:
@@ -566,6 +595,40 @@ class Compressor:
         return SlideResult(str(slide), "ok", store=str(final), patches=patches, grid_shape=grid.shape,
                            tissue_fraction=tissue.tissue_fraction, invalid_cells=invalid, device=str(self.device))
 
+    def _open(self, slide: Path) -> SlideReader:
+        """The slide's reader: the image backend in pixel units, else by format with its µm/px."""
+        if self.pixel_units:
+            return open_slide(slide, backend="image")
+        return open_slide(slide, slide_mpp=resolve_slide_mpp(slide, self.options.slide_mpp, self.mpp_table))
+
+    def _check_channels(self, reader: SlideReader) -> None:
+        """The encoder must take exactly the image's channels: converting gray to RGB or
+        back would feed it inputs it was never trained on."""
+        spec = self.encoder.spec
+        if reader.channels != spec.channels:
+            kind = {1: "grayscale", 3: "RGB"}.get(reader.channels, f"{reader.channels}-channel")
+            raise SlideError(f"{reader.path}: is {kind} ({reader.channels} channel(s)) but encoder {spec.name!r} takes "
+                             f"{spec.channels}-channel patches; use an encoder trained on {kind} patches")
+
+    def _read_level(self, reader: SlideReader, slide: Path) -> ReadPlanLevel:
+        """Level and downsample: level 0 as it is in pixel units, else chosen by µm/px."""
+        if self.pixel_units:
+            return PIXEL_UNITS
+        assert self.options.mpp is not None
+        level_mpps = [reader.level_mpp(level) for level in range(reader.level_count)]
+        choice = choose_level(level_mpps, self.options.mpp, self.options.mpp_tolerance, slide=slide.name)
+        return ReadPlanLevel(choice.level, choice.downsample, choice.level_mpp, choice.working_mpp)
+
+    def _tissue(self, thumbnail: np.ndarray, grid: GridGeometry, thumb_px_per_level_px: float) -> TissueMap:
+        """Cells to encode. Saturation finds stained tissue on RGB; a grayscale image has
+        none to measure, so every one of its cells is encoded."""
+        if thumbnail.shape[2] == 1:
+            ones = np.ones(grid.shape, np.float32)
+            return TissueMap(mask=np.ones(thumbnail.shape[:2], bool), fraction=ones, cells=ones.astype(bool),
+                             threshold=0)
+        return detect_tissue(thumbnail, grid, min_fraction=self.options.min_tissue,
+                             thumb_px_per_level_px=thumb_px_per_level_px)
+
     def _thumbnail(self, reader: SlideReader, level: int, grid: GridGeometry) -> tuple[np.ndarray, float]:
         """Thumbnail with ``thumb_px_per_cell`` pixels per cell stride (capped in size), and
         its downsample relative to level 0."""
@@ -574,7 +637,7 @@ class Compressor:
         downsample = max(level0_stride / self.options.thumb_px_per_cell, max(height0, width0) / MAX_THUMBNAIL_PX, 1.0)
         return reader.thumbnail(downsample), downsample
 
-    def _attrs(self, slide: Path, reader: SlideReader, choice: Any, grid: GridGeometry, tissue: TissueMap,
+    def _attrs(self, slide: Path, reader: SlideReader, choice: ReadPlanLevel, grid: GridGeometry, tissue: TissueMap,
                thumb_downsample: float) -> dict[str, Any]:
         spec = self.encoder.spec
         return {
@@ -596,6 +659,7 @@ class Compressor:
             "grid_shape": list(grid.shape),
             "tissue_fraction": tissue.tissue_fraction,
             "tissue_threshold": tissue.threshold,
+            "tissue_detection": "every cell (grayscale image)" if reader.channels == 1 else "HSV saturation, Otsu",
             "min_tissue": self.options.min_tissue,
             "background": self.options.background,
             "background_embedding": "embedding of a white patch" if self.options.background == "blank" else "zeros",

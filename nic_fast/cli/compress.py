@@ -21,6 +21,26 @@ from nic_fast.compress import DECODERS, PRECISIONS, CompressOptions, Compressor,
 from nic_fast.scheduler import DeviceSummary, Scheduler, SchedulerError, SchedulerEvent, cuda_devices
 
 
+class MppParam(click.ParamType):
+    """``--mpp``: a working resolution in µm/px, or ``none`` for plain images in pixel units."""
+
+    name = "µm/px|none"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float | None:
+        if value is None or isinstance(value, float):
+            return value
+        text = str(value).strip().lower()
+        if text == "none":
+            return None
+        try:
+            mpp = float(text)
+        except ValueError:
+            self.fail(f"{value!r} is neither a µm/px value nor 'none'", param, ctx)
+        if not mpp > 0:
+            self.fail(f"µm/px must be positive, got {value!r}", param, ctx)
+        return mpp
+
+
 def _results_table(results: list[SlideResult]) -> Table:
     table = Table(title="nic-fast compress")
     for column in ("slide", "status", "grid", "tissue", "patches", "seconds", "patches/s", "reason"):
@@ -106,7 +126,9 @@ def _run_gpus(options: CompressOptions, gpus: str, slides: list[Path], out_dir: 
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the stores (<slide-stem>.zarr) and summary.json.")
 @click.option("--encoder", default="mean-rgb", show_default=True, help="Built-in name or encoder file (.pt, .pt2).")
-@click.option("--mpp", default=0.5, show_default=True, type=float, help="Working resolution in µm/px.")
+@click.option("--mpp", default=0.5, show_default=True, type=MppParam(),
+              help="Working resolution in µm/px; 'none' reads plain images (PNG, JPEG, untiled TIFF) pixel for "
+                   "pixel at level 0, grayscale kept as one channel (every cell encoded: there is no stain to find).")
 @click.option("--patch-px", type=int, default=None, help="Patch side in px [default: the encoder's input size, 128].")
 @click.option("--stride-px", type=int, default=None, help="Grid stride in px [default: the patch size].")
 @click.option("--augment/--no-augment", default=False, show_default=True,
@@ -134,7 +156,7 @@ def _run_gpus(options: CompressOptions, gpus: str, slides: list[Path], out_dir: 
 @click.option("--background", type=click.Choice(["blank", "zero"]), default="blank", show_default=True,
               help="What background cells hold: the embedding of a white patch, or zeros.")
 @click.option("--overwrite", is_flag=True, help="Recompress slides whose store is already complete.")
-def compress(slides: tuple[Path, ...], out_dir: Path, encoder: str, mpp: float, patch_px: int | None,
+def compress(slides: tuple[Path, ...], out_dir: Path, encoder: str, mpp: float | None, patch_px: int | None,
              stride_px: int | None, augment: bool, batch_size: int, workers: int | None, device: str | None,
              gpus: str | None, precision: str, decode: str, cuda_graph: bool, slide_mpp: float | None,
              slide_mpp_csv: Path | None, min_tissue: float, background: str, overwrite: bool) -> None:
@@ -144,6 +166,9 @@ def compress(slides: tuple[Path, ...], out_dir: Path, encoder: str, mpp: float, 
     """
     if gpus is not None and device == "cpu":
         raise click.UsageError("--gpus runs the encoder on GPUs: leave out --device cpu, or leave out --gpus")
+    if mpp is None and (slide_mpp is not None or slide_mpp_csv is not None):
+        raise click.UsageError("--mpp none reads plain images in pixel units, which have no µm/px: leave out "
+                               "--slide-mpp and --slide-mpp-csv, or give --mpp in µm/px")
     options = CompressOptions(encoder=encoder, mpp=mpp, patch_px=patch_px, stride_px=stride_px, augment=augment,
                               batch_size=batch_size, workers=workers, device="cuda" if gpus else device or "cpu",
                               precision=precision, decode=decode, cuda_graph=cuda_graph, slide_mpp=slide_mpp,
