@@ -1,0 +1,133 @@
+"""Cross-validated training: the loss falls, bookkeeping keeps test slides out, runs resume exactly."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_train_stores import write_store
+
+from nic_fast.train.data import Rotation, SlideRecord, rotations
+from nic_fast.train.fit import EpochLog, FitConfig, FitObserver, RunError, RunOptions, TrainedRun, cross_validate
+
+OPTIONS = RunOptions(loader="torch", workers=0, threads=1)
+CONFIG = FitConfig(crop_px=12, epochs=3, batch_size=8, crops_per_slide=16, tta_crops=2, seed=1)
+
+
+def _lesion_store(path: Path, lesion: bool, seed: int) -> Path:
+    """Tissue of noisy codes; a lesion slide has a block with channel 0 raised by 3."""
+    rng = np.random.default_rng(seed)
+    codes = rng.normal(0.0, 0.3, (1, 16, 16, 2)).astype(np.float16)
+    tissue = np.zeros((16, 16), bool)
+    tissue[1:15, 1:15] = True
+    codes[0, ~tissue] = 1.0
+    if lesion:
+        top, left = rng.integers(3, 9, 2)
+        codes[0, top : top + 4, left : left + 4, 0] += 3.0
+    return write_store(path, codes, tissue)
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory: pytest.TempPathFactory) -> list[SlideRecord]:
+    folder = tmp_path_factory.mktemp("stores")
+    return [SlideRecord(_lesion_store(folder / f"s{i}.zarr", lesion=i % 2 == 1, seed=i), float(i % 2))
+            for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def run(records: list[SlideRecord], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("run") / "run"
+    cross_validate(records, CONFIG, folder, OPTIONS)
+    return folder
+
+
+def _log(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_the_training_loss_falls(records: list[SlideRecord], tmp_path: Path) -> None:
+    config = FitConfig(crop_px=12, epochs=6, batch_size=8, crops_per_slide=32, tta_crops=2, seed=2, folds=3)
+    cross_validate(records, config, tmp_path / "run", OPTIONS)
+    for rotation in rotations(3):
+        losses = [float(row["train_loss"]) for row in _log(tmp_path / "run" / f"rotation_{rotation.index}")]
+        assert np.mean(losses[-2:]) < 0.8 * losses[0], losses
+
+
+def test_every_slide_is_predicted_once_by_a_network_that_never_saw_it(run: Path) -> None:
+    folds = {row["store"]: int(row["fold"]) for row in _rows(run / "folds.csv")}
+    seen = []
+    for rotation in rotations(4):
+        tested = _rows(run / f"rotation_{rotation.index}" / "predictions.csv")
+        assert tested and all(folds[row["store"]] == rotation.test_fold for row in tested)
+        assert rotation.test_fold not in rotation.train_folds and rotation.test_fold != rotation.val_fold
+        seen += [row["store"] for row in tested]
+    assert sorted(seen) == sorted(folds)
+    pooled = _rows(run / "predictions.csv")
+    assert sorted(row["store"] for row in pooled) == sorted(folds)
+    assert all(0.0 <= float(row["prediction"]) <= 1.0 for row in pooled)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["metric"] == "AUC" and len(metrics["rotations"]) == 4
+    assert metrics["all"]["low"] <= metrics["all"]["value"] <= metrics["all"]["high"]
+    assert metrics["all"]["n"] == 12
+
+
+def test_logs_have_one_row_per_epoch(run: Path) -> None:
+    rows = _log(run / "rotation_0")
+    assert list(rows[0]) == list(EpochLog.__dataclass_fields__)
+    assert [int(r["epoch"]) for r in rows] == list(range(len(rows))) and 1 <= len(rows) <= CONFIG.epochs
+
+
+def test_a_run_resumes_and_ends_where_an_uninterrupted_one_does(records: list[SlideRecord], run: Path,
+                                                               tmp_path: Path) -> None:
+    class Interrupt(FitObserver):
+        def epoch_done(self, rotation: Rotation, log: EpochLog) -> None:
+            if rotation.index == 1 and log.epoch == 1:
+                raise KeyboardInterrupt
+
+    folder = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        cross_validate(records, CONFIG, folder, OPTIONS, Interrupt())
+    assert (folder / "rotation_0" / "done.json").exists() and not (folder / "rotation_1" / "done.json").exists()
+    cross_validate(records, CONFIG, folder, OPTIONS)
+    for rotation in rotations(4):
+        resumed = torch.load(folder / f"rotation_{rotation.index}" / "last.pt", weights_only=False)["network"]
+        reference = torch.load(run / f"rotation_{rotation.index}" / "last.pt", weights_only=False)["network"]
+        for name, tensor in reference.items():
+            assert torch.equal(resumed[name], tensor), name
+    assert (folder / "predictions.csv").read_text() == (run / "predictions.csv").read_text()
+    assert len(_log(folder / "rotation_1")) == len(_log(run / "rotation_1"))
+
+
+def test_a_run_folder_refuses_other_settings(records: list[SlideRecord], run: Path) -> None:
+    with pytest.raises(RunError, match="other settings or slides"):
+        cross_validate(records, FitConfig(crop_px=12, epochs=3, batch_size=8, seed=99), run, OPTIONS)
+
+
+def test_a_classifier_rotation_without_a_class_is_refused(tmp_path: Path, records: list[SlideRecord]) -> None:
+    lopsided = [SlideRecord(r.store, r.label, fold=(3 if r.label else i % 3)) for i, r in enumerate(records)]
+    with pytest.raises(RunError, match="without some class"):
+        cross_validate(lopsided, CONFIG, tmp_path / "run", OPTIONS)
+
+
+def test_a_trained_run_serves_held_out_and_ensemble_networks(run: Path, records: list[SlideRecord],
+                                                             tmp_path: Path) -> None:
+    trained = TrainedRun.open(run)
+    folds = {row["store"]: int(row["fold"]) for row in _rows(run / "folds.csv")}
+    store = records[5].store
+    models, which = trained.models_for(store)
+    assert len(models) == 1 and which == f"held-out network of rotation {folds[str(store)]}"
+    outside = _lesion_store(tmp_path / "new.zarr", lesion=True, seed=50)
+    models, which = trained.models_for(outside)
+    assert len(models) == 4 and "mean of the 4" in which
+    with pytest.raises(RunError, match="not a training run"):
+        TrainedRun.open(tmp_path)
