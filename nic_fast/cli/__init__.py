@@ -34,5 +34,11 @@ def _register() -> None:
     main.add_command(train_encoder.train_encoder)
     main.add_command(probe.probe_command)
 
+    from nic_fast.cli import heatmap, predict, train
+
+    main.add_command(train.train)
+    main.add_command(predict.predict)
+    main.add_command(heatmap.heatmap)
+
 
 _register()
