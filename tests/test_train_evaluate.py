@@ -40,7 +40,8 @@ def test_auc_counts_ordered_pairs_with_ties_as_half() -> None:
 
 def test_metrics_of_each_task() -> None:
     assert metric("multiclass", np.array([0, 2, 1]), np.eye(3)[[0, 2, 2]]) == pytest.approx(2 / 3)
-    assert metric("regression", np.array([1.0, 2.0, 3.0, 4.0]), np.array([10.0, 20.0, 40.0, 30.0])) == pytest.approx(0.8)
+    values = np.array([10.0, 20.0, 40.0, 30.0])
+    assert metric("regression", np.array([1.0, 2.0, 3.0, 4.0]), values) == pytest.approx(0.8)
 
 
 def test_bootstrap_interval_brackets_the_value_and_narrows_with_more_slides() -> None:

@@ -98,14 +98,17 @@ def test_a_run_resumes_and_ends_where_an_uninterrupted_one_does(records: list[Sl
     with pytest.raises(KeyboardInterrupt):
         cross_validate(records, CONFIG, folder, OPTIONS, Interrupt())
     assert (folder / "rotation_0" / "done.json").exists() and not (folder / "rotation_1" / "done.json").exists()
+    with open(folder / "rotation_1" / "log.csv", "a") as log:  # a row whose checkpoint a crash prevented
+        log.write("2,9,9,0,0.01,1,1\n")
     cross_validate(records, CONFIG, folder, OPTIONS)
     for rotation in rotations(4):
-        resumed = torch.load(folder / f"rotation_{rotation.index}" / "last.pt", weights_only=False)["network"]
-        reference = torch.load(run / f"rotation_{rotation.index}" / "last.pt", weights_only=False)["network"]
+        resumed = torch.load(folder / f"rotation_{rotation.index}" / "last.pt", weights_only=True)["network"]
+        reference = torch.load(run / f"rotation_{rotation.index}" / "last.pt", weights_only=True)["network"]
         for name, tensor in reference.items():
             assert torch.equal(resumed[name], tensor), name
     assert (folder / "predictions.csv").read_text() == (run / "predictions.csv").read_text()
-    assert len(_log(folder / "rotation_1")) == len(_log(run / "rotation_1"))
+    assert [row["epoch"] for row in _log(folder / "rotation_1")] == [row["epoch"] for row in _log(run / "rotation_1")]
+    assert all(row["train_loss"] != "9" for row in _log(folder / "rotation_1"))
 
 
 def test_a_run_folder_refuses_other_settings(records: list[SlideRecord], run: Path) -> None:

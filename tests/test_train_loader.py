@@ -100,7 +100,8 @@ def test_make_loader_picks_a_backend_and_checks_the_batch(samplers: list[StoreSa
     with pytest.raises(ValueError, match="multiple of the batch size"):
         make_loader(_source(samplers), batch_size=7, workers=0, device=CPU, backend="torch")
     with pytest.raises(ValueError, match="auto, dali or torch"):
-        make_loader(_source(samplers), batch_size=8, workers=0, device=CPU, backend="tensorflow")  # type: ignore[arg-type]
+        make_loader(_source(samplers), batch_size=8, workers=0, device=CPU,
+                    backend="tensorflow")  # type: ignore[arg-type]
 
 
 def test_stores_with_different_code_sizes_are_refused(tmp_path: Path, samplers: list[StoreSampler]) -> None:

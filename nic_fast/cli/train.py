@@ -9,10 +9,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from nic_fast.store import StoreError
-from nic_fast.train.data import TASKS, InputError, Rotation, read_inputs
+from nic_fast.train.data import TASKS, InputError, Rotation, Task, read_inputs
 from nic_fast.train.evaluate import DEFAULT_TTA_CROPS, MetricResult
 from nic_fast.train.fit import CrossValidation, EpochLog, FitConfig, FitObserver, RunError, RunOptions, cross_validate
-from nic_fast.train.loader import dali_available, default_workers
+from nic_fast.train.loader import Backend, dali_available, default_workers
 
 
 class _ProgressObserver(FitObserver):
@@ -80,9 +80,9 @@ def _summary(result: CrossValidation, run_dir: Path) -> Table:
               help="Loader worker processes (DALI needs at least 1).")
 @click.option("--threads", default=None, type=click.IntRange(1),
               help="PyTorch CPU threads [default: the cores the loader workers leave free].")
-def train(csv_path: Path, run_dir: Path, stores_dir: Path | None, task: str, crop_px: int, folds: int, epochs: int,
+def train(csv_path: Path, run_dir: Path, stores_dir: Path | None, task: Task, crop_px: int, folds: int, epochs: int,
           crops_per_slide: int, batch_size: int, learning_rate: float, tta_crops: int, seed: int, device: str,
-          loader: str, workers: int, threads: int | None) -> None:
+          loader: Backend, workers: int, threads: int | None) -> None:
     """Cross-validated training on compressed stores listed in CSV (columns store,label[,fold]).
 
     Every slide is predicted by the network of the rotation that held it out; the pooled
@@ -91,13 +91,13 @@ def train(csv_path: Path, run_dir: Path, stores_dir: Path | None, task: str, cro
     """
     console = Console(stderr=True)
     try:
-        records = read_inputs(csv_path, task, stores_dir=stores_dir)  # type: ignore[arg-type]
-        config = FitConfig(task=task, crop_px=crop_px, folds=folds, epochs=epochs, batch_size=batch_size,  # type: ignore[arg-type]
+        records = read_inputs(csv_path, task, stores_dir=stores_dir)
+        config = FitConfig(task=task, crop_px=crop_px, folds=folds, epochs=epochs, batch_size=batch_size,
                            crops_per_slide=crops_per_slide, learning_rate=learning_rate,
                            min_learning_rate=min(1e-5, learning_rate), tta_crops=tta_crops, seed=seed)
-        options = RunOptions(device=device, loader=loader, workers=workers, threads=threads)  # type: ignore[arg-type]
-        console.print(f"{len(records)} slides, {task}, loader: "
-                      f"{'DALI' if loader == 'dali' or (loader == 'auto' and dali_available()) else 'PyTorch'}")
+        options = RunOptions(device=device, loader=loader, workers=workers, threads=threads)
+        uses_dali = loader == "dali" or (loader == "auto" and dali_available())
+        console.print(f"{len(records)} slides, {task}, loader: {'DALI' if uses_dali else 'PyTorch'}")
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True) as progress:
             result = cross_validate(records, config, run_dir, options, _ProgressObserver(progress, console))

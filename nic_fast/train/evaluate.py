@@ -20,7 +20,8 @@ from nic_fast.train.model import TrainedModel
 from nic_fast.train.reader import EmbeddingReader
 from nic_fast.train.sampler import CropSpec, StoreSampler, read_crop
 
-__all__ = ["METRIC_NAMES", "MetricResult", "auc", "bootstrap_metric", "metric", "predict_store", "store_outputs", "tta_specs"]
+__all__ = ["DEFAULT_TTA_CROPS", "METRIC_NAMES", "MetricResult", "auc", "bootstrap_metric", "metric", "predict_store",
+           "store_outputs", "tta_specs"]
 
 METRIC_NAMES = {"binary": "AUC", "multiclass": "accuracy", "regression": "Spearman"}
 DEFAULT_TTA_CROPS = 10

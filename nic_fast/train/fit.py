@@ -35,7 +35,7 @@ import torch
 
 from nic_fast.train.data import Rotation, SlideRecord, Task, assign_folds, class_count, rotations
 from nic_fast.train.evaluate import DEFAULT_TTA_CROPS, MetricResult, bootstrap_metric, metric, store_outputs
-from nic_fast.train.loader import Backend, CropSource, default_workers, make_loader
+from nic_fast.train.loader import Backend, Batch, CropSource, default_workers, make_loader
 from nic_fast.train.model import ModelConfig, NICNet, TrainedModel, parameter_groups
 from nic_fast.train.sampler import StoreSampler
 
@@ -95,7 +95,8 @@ class RunOptions:
 
 @dataclass(frozen=True)
 class EpochLog:
-    """One row of a rotation's log.csv."""
+    """One row of a rotation's log.csv: ``seconds`` is the whole epoch with validation,
+    ``crops_per_s`` the training steps only (loader and network together)."""
 
     epoch: int
     train_loss: float
@@ -148,6 +149,7 @@ class _Schedule:
         return False
 
     def should_stop(self, epoch: int, config: FitConfig) -> bool:
+        """Whether ``stop_patience`` epochs have passed since the best one."""
         return epoch - self.best_epoch >= config.stop_patience
 
 
@@ -205,8 +207,8 @@ class _RotationTrainer:
 
     def __init__(self, rotation: Rotation, records: list[SlideRecord], samplers: dict[Path, StoreSampler],
                  config: FitConfig, options: RunOptions, folder: Path, observer: FitObserver) -> None:
-        self.rotation, self.config, self.options, self.folder, self.observer = (rotation, config, options, folder,
-                                                                                observer)
+        self.rotation, self.config, self.options = rotation, config, options
+        self.folder, self.observer = folder, observer
         self.train, self.val, self.test = rotation.split(records)
         self.samplers = samplers
         self.device = torch.device(options.device)
@@ -229,6 +231,7 @@ class _RotationTrainer:
             return MetricResult(**json.loads(done.read_text())["test"])
         self.folder.mkdir(parents=True, exist_ok=True)
         self._resume()
+        self._trim_log()
         if not self._finished():
             self._train()
         result = self._test()
@@ -244,19 +247,33 @@ class _RotationTrainer:
         last = self.folder / "last.pt"
         if not last.exists():
             return
-        state = torch.load(last, map_location=self.device, weights_only=False)
+        state = torch.load(last, map_location=self.device, weights_only=True)
         self.model.network.load_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule = _Schedule(**state["schedule"])
         self.first_epoch = state["epoch"] + 1
+
+    def _trim_log(self) -> None:
+        """Drop log rows of epochs the checkpoint does not hold (written just before a crash)."""
+        path = self.folder / "log.csv"
+        if not path.exists():
+            return
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))[1:]
+        kept = [row for row in rows if int(row[0]) < self.first_epoch]
+        if len(kept) < len(rows):
+            with open(path, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(_LOG_FIELDS)
+                writer.writerows(kept)
 
     def _train(self) -> None:
         config = self.config
         steps = math.ceil(len(self.train) * config.crops_per_slide / config.batch_size)
         source = CropSource([self.samplers[r.store] for r in self.train],
                             np.array([r.label for r in self.train], dtype=np.float32), crop_px=config.crop_px,
-                            seed=_derived_seed(config.seed, self.rotation.index), crops_per_epoch=steps * config.batch_size,
-                            first_epoch=self.first_epoch)
+                            seed=_derived_seed(config.seed, self.rotation.index),
+                            crops_per_epoch=steps * config.batch_size, first_epoch=self.first_epoch)
         loader = make_loader(source, batch_size=config.batch_size, workers=self.options.workers, device=self.device,
                              backend=self.options.loader)
         self.observer.rotation_started(self.rotation, self.first_epoch, config.epochs, steps)
@@ -269,7 +286,7 @@ class _RotationTrainer:
         finally:
             loader.close()
 
-    def _epoch(self, epoch: int, batches: Any, steps: int) -> EpochLog:
+    def _epoch(self, epoch: int, batches: Iterator[Batch], steps: int) -> EpochLog:
         started = time.perf_counter()
         for group in self.optimizer.param_groups:
             group["lr"] = self.schedule.learning_rate
@@ -287,11 +304,12 @@ class _RotationTrainer:
         train_seconds = time.perf_counter() - started
         learning_rate = self.schedule.learning_rate
         val_loss, val_metric = self._validate()
-        improved = self.schedule.update(epoch, (val_metric if math.isfinite(val_metric) else 0.0, -val_loss), self.config)
-        self._checkpoint(epoch, improved)
+        score = (val_metric if math.isfinite(val_metric) else 0.0, -val_loss)
+        improved = self.schedule.update(epoch, score, self.config)
         log = EpochLog(epoch, float(np.mean(losses)), val_loss, val_metric, learning_rate,
                        time.perf_counter() - started, steps * self.config.batch_size / max(train_seconds, 1e-9))
         self._append_log(log)
+        self._checkpoint(epoch, improved)
         return log
 
     @torch.no_grad()

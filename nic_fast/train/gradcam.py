@@ -37,7 +37,8 @@ def inverse_dihedral(array: np.ndarray, k: int) -> np.ndarray:
     return dihedral(array, (4 - k) % 4) if k < 4 else dihedral(array, k)
 
 
-def grad_cam(model: TrainedModel, grid: np.ndarray, *, target: int = 0, device: str | torch.device = "cpu") -> np.ndarray:
+def grad_cam(model: TrainedModel, grid: np.ndarray, *, target: int = 0,
+             device: str | torch.device = "cpu") -> np.ndarray:
     """Grad-CAM (H', W') float32 of one (H', W', C) grid, upsampled from the first conv layer.
 
     ``target`` is the output explained: the class for multi-class networks, 0 otherwise

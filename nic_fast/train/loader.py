@@ -25,8 +25,8 @@ import torch
 from nic_fast.train.reader import EmbeddingReader
 from nic_fast.train.sampler import StoreSampler, read_crop
 
-__all__ = ["Backend", "CropLoader", "CropSource", "DaliCropLoader", "TorchCropLoader", "dali_available", "default_workers",
-           "make_loader"]
+__all__ = ["Backend", "Batch", "CropLoader", "CropSource", "DaliCropLoader", "TorchCropLoader", "dali_available",
+           "default_workers", "make_loader"]
 
 Backend = Literal["auto", "dali", "torch"]
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -126,7 +126,7 @@ class DaliCropLoader:
         self._pipe = _crop_pipeline(source, on_gpu, batch_size=batch_size, num_threads=1,
                                     device_id=(device.index or 0) if on_gpu else None,
                                     py_num_workers=max(1, workers), py_start_method=start_method,
-                                    prefetch_queue_depth=2, seed=source.seed)
+                                    prefetch_queue_depth=2)
         self._pipe.build()
         self._iterator = DALIGenericIterator(self._pipe, ["crops", "labels"], auto_reset=True)
         self._next_epoch = source.first_epoch

@@ -75,9 +75,9 @@ class EmbeddingReader:
             r0, r1 = max(i0, ci * chunk_h), min(i1, (ci + 1) * chunk_h)
             for cj in range(j0 // chunk_w, (j1 - 1) // chunk_w + 1):
                 c0, c1 = max(j0, cj * chunk_w), min(j1, (cj + 1) * chunk_w)
-                chunk = self._chunk(root, (variant // chunk_a, ci, cj, 0))
+                chunk = self._chunk(root, (variant // chunk_a, ci, cj, 0))[variant % chunk_a]
                 out[r0 - i0 : r1 - i0, c0 - j0 : c1 - j0] = \
-                    chunk[variant % chunk_a, r0 - ci * chunk_h : r1 - ci * chunk_h, c0 - cj * chunk_w : c1 - cj * chunk_w]
+                    chunk[r0 - ci * chunk_h : r1 - ci * chunk_h, c0 - cj * chunk_w : c1 - cj * chunk_w]
         return out
 
     def _chunk(self, root: Path, coords: tuple[int, ...]) -> np.ndarray:
