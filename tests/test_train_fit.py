@@ -11,7 +11,16 @@ import torch
 from test_train_stores import write_store
 
 from nic_fast.train.data import Rotation, SlideRecord, rotations
-from nic_fast.train.fit import EpochLog, FitConfig, FitObserver, RunError, RunOptions, TrainedRun, cross_validate
+from nic_fast.train.fit import (
+    EpochLog,
+    FitConfig,
+    FitObserver,
+    RunError,
+    RunOptions,
+    TrainedRun,
+    cross_validate,
+    train_rotation,
+)
 
 OPTIONS = RunOptions(loader="torch", workers=0, threads=1)
 CONFIG = FitConfig(crop_px=12, epochs=3, batch_size=8, crops_per_slide=16, tta_crops=2, seed=1)
@@ -134,3 +143,13 @@ def test_a_trained_run_serves_held_out_and_ensemble_networks(run: Path, records:
     assert len(models) == 4 and "mean of the 4" in which
     with pytest.raises(RunError, match="not a training run"):
         TrainedRun.open(tmp_path)
+
+
+def test_one_fixed_split_trains_into_its_folder(run: Path, records: list[SlideRecord], tmp_path: Path) -> None:
+    folds = {row["store"]: int(row["fold"]) for row in _rows(run / "folds.csv")}
+    folded = [SlideRecord(r.store, r.label, folds[str(r.store)]) for r in records]
+    result = train_rotation(rotations(4)[2], folded, CONFIG, tmp_path / "split", OPTIONS)
+    assert result.n == 3 and (tmp_path / "split" / "best.pt").exists()
+    assert (tmp_path / "split" / "predictions.csv").read_text() == (run / "rotation_2" / "predictions.csv").read_text()
+    with pytest.raises(RunError, match="every record's fold"):
+        train_rotation(rotations(4)[2], records, CONFIG, tmp_path / "other", OPTIONS)

@@ -40,7 +40,7 @@ from nic_fast.train.model import ModelConfig, NICNet, TrainedModel, parameter_gr
 from nic_fast.train.sampler import StoreSampler
 
 __all__ = ["CrossValidation", "EpochLog", "FitConfig", "FitObserver", "RunError", "RunOptions", "TrainedRun",
-           "cross_validate", "read_predictions"]
+           "cross_validate", "read_predictions", "train_rotation"]
 
 _LOG_FIELDS = ("epoch", "train_loss", "val_loss", "val_metric", "learning_rate", "seconds", "crops_per_s")
 
@@ -414,6 +414,29 @@ def _check_rotations(records: list[SlideRecord], config: FitConfig) -> None:
                            "lack it): add slides of the rare class, or give a 'fold' column that spreads them")
 
 
+def _open_samplers(records: list[SlideRecord]) -> dict[Path, StoreSampler]:
+    samplers = {r.store: StoreSampler.open(r.store) for r in records}
+    code_sizes = {s.code_size for s in samplers.values()}
+    if len(code_sizes) != 1:
+        raise RunError(f"the stores mix code sizes {sorted(code_sizes)}: compress every slide with one encoder")
+    return samplers
+
+
+def train_rotation(rotation: Rotation, records: list[SlideRecord], config: FitConfig, folder: str | Path,
+                   options: RunOptions | None = None, observer: FitObserver | None = None) -> MetricResult:
+    """Train and test one fixed split into ``folder`` (rotation_<r>'s layout); resumable.
+
+    For benchmarks with a given train/validation/test split: ``records`` carry their
+    folds, and ``rotation`` names which fold plays which part.
+    """
+    options, observer = options or RunOptions(), observer or FitObserver()
+    if any(r.fold is None for r in records):
+        raise RunError("train_rotation needs every record's fold; use cross_validate to assign them")
+    with _torch_threads(options.torch_threads()):
+        return _RotationTrainer(rotation, records, _open_samplers(records), config, options, Path(folder),
+                                observer).run()
+
+
 def cross_validate(records: list[SlideRecord], config: FitConfig, run_dir: str | Path,
                    options: RunOptions | None = None, observer: FitObserver | None = None) -> CrossValidation:
     """Train one network per rotation and predict each slide with the network that never saw it.
@@ -426,10 +449,7 @@ def cross_validate(records: list[SlideRecord], config: FitConfig, run_dir: str |
     records = assign_folds(records, config.folds, config.seed)
     _check_rotations(records, config)
     _start_or_resume(run_dir, config, records)
-    samplers = {r.store: StoreSampler.open(r.store) for r in records}
-    code_sizes = {s.code_size for s in samplers.values()}
-    if len(code_sizes) != 1:
-        raise RunError(f"the stores mix code sizes {sorted(code_sizes)}: compress every slide with one encoder")
+    samplers = _open_samplers(records)
     per_rotation = []
     held_out: dict[str, np.ndarray] = {}
     with _torch_threads(options.torch_threads()):
