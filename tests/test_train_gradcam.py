@@ -123,3 +123,13 @@ def test_overlay_png(tmp_path: Path) -> None:
                        title="test")
     with Image.open(out) as image:
         assert image.format == "PNG" and min(image.size) > 100
+
+
+def test_masks_of_plain_image_stores_use_pixel_units(tmp_path: Path) -> None:
+    slide = open_store(write_store(tmp_path / "s.zarr", np.zeros((1, 4, 4, 1), np.float16), np.ones((4, 4), bool),
+                                   stride_px=9, mpp=None, scanned_mpp=None, thumbnail_downsample=9 / 8))
+    mask = np.zeros((36, 36), bool)
+    mask[9:18, 27:36] = True  # cell (1, 3) at 9 px per cell
+    expected = np.zeros((4, 4), bool)
+    expected[1, 3] = True
+    np.testing.assert_array_equal(mask_to_grid(_mask_png(tmp_path / "m.png", mask, 1), slide), expected)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from PIL import Image
 
 from nic_fast.grid import DIHEDRAL, dihedral
@@ -91,9 +92,15 @@ def jaccard(predicted: np.ndarray, truth: np.ndarray) -> float:
 
 
 def level0_px_per_cell(slide: CompressedSlide) -> float:
-    """Level-0 pixels per grid stride: the stride at the working µm/px, scaled to the scan's."""
+    """Level-0 pixels per grid stride: the stride at the working µm/px, scaled to the scan's.
+
+    Stores of plain images (``compress --mpp none``) have no µm/px: they are read at
+    level 0, so only the box downsample scales the stride.
+    """
     attrs = slide.attrs
-    return attrs["stride_px"] * attrs["mpp"] / attrs["scanned_mpp"]
+    if attrs.get("mpp") and attrs.get("scanned_mpp"):
+        return attrs["stride_px"] * attrs["mpp"] / attrs["scanned_mpp"]
+    return attrs["stride_px"] * attrs.get("downsample", 1)
 
 
 def mask_to_grid(mask_path: str | Path, slide: CompressedSlide) -> np.ndarray:
@@ -125,17 +132,16 @@ def mask_to_grid(mask_path: str | Path, slide: CompressedSlide) -> np.ndarray:
 def save_overlay(path: str | Path, slide: CompressedSlide, heatmap: np.ndarray, *, predicted: np.ndarray,
                  truth: np.ndarray | None, title: str) -> Path:
     """A PNG of the heatmap (on tissue, scaled to its maximum) over the store's thumbnail,
-    outlining the post-processed heatmap (white) and, when given, the ground truth (green)."""
-    import matplotlib
+    outlining the post-processed heatmap (white) and, when given, the ground truth (green).
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
+    Drawn on a bare matplotlib Figure (Agg), so pyplot's global state is left alone.
+    """
     height, width = slide.grid_shape
     thumb_px_per_cell = level0_px_per_cell(slide) / slide.attrs["thumbnail_downsample"]
     extent = (0.0, width * thumb_px_per_cell, height * thumb_px_per_cell, 0.0)
     thumb_h, thumb_w = slide.thumbnail.shape[:2]
-    figure, axes = plt.subplots(figsize=(8, 8 * thumb_h / thumb_w), dpi=150)
+    figure = Figure(figsize=(8, 8 * thumb_h / thumb_w), dpi=150)
+    axes = figure.subplots()
     axes.imshow(slide.thumbnail)
     on_tissue = np.where(slide.tissue, heatmap, 0.0)
     peak = float(on_tissue.max()) or 1.0
@@ -149,5 +155,4 @@ def save_overlay(path: str | Path, slide: CompressedSlide, heatmap: np.ndarray, 
     axes.set_axis_off()
     path = Path(path)
     figure.savefig(path, bbox_inches="tight")
-    plt.close(figure)
     return path

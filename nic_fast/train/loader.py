@@ -53,7 +53,7 @@ class CropSource:
     seed: int
     crops_per_epoch: int
     first_epoch: int = 0
-    _arrays: dict[int, EmbeddingReader] = field(default_factory=dict, repr=False, compare=False)
+    _readers: dict[int, EmbeddingReader] = field(default_factory=dict, repr=False, compare=False)
     _orders: dict[int, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -66,7 +66,7 @@ class CropSource:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_arrays"], state["_orders"] = {}, {}  # open Zarr handles stay in their own process
+        state["_readers"], state["_orders"] = {}, {}  # open Zarr handles stay in their own process
         return state
 
     @property
@@ -88,9 +88,9 @@ class CropSource:
         return crop, self.labels[slide : slide + 1].astype(np.float32)
 
     def _embeddings(self, slide: int) -> Any:
-        if slide not in self._arrays:
-            self._arrays[slide] = EmbeddingReader(self.samplers[slide].path)
-        return self._arrays[slide]
+        if slide not in self._readers:
+            self._readers[slide] = EmbeddingReader(self.samplers[slide].path)
+        return self._readers[slide]
 
     def __call__(self, info: Any) -> tuple[np.ndarray, np.ndarray]:
         """DALI's per-sample callback (``info`` is a ``nvidia.dali.types.SampleInfo``)."""

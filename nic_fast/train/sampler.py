@@ -23,8 +23,10 @@ import torch
 from scipy.cluster.vq import kmeans2
 from scipy.ndimage import distance_transform_edt
 
+from nic_fast.encoders import EncoderError, load_encoder
 from nic_fast.grid import DIHEDRAL, dihedral
-from nic_fast.store import CompressedSlide, StoreError
+from nic_fast.store import CompressedSlide, StoreError, open_store
+from nic_fast.train.reader import EmbeddingReader
 
 __all__ = ["CropSpec", "StoreSampler", "background_embedding", "distance_map", "read_crop"]
 
@@ -66,8 +68,6 @@ def background_embedding(slide: CompressedSlide) -> np.ndarray:
 
 
 def _encode_white_patch(slide: CompressedSlide) -> np.ndarray:
-    from nic_fast.encoders import EncoderError, load_encoder
-
     source = str(slide.attrs["encoder"]["source"]).removeprefix("builtin:")
     try:
         encoder = load_encoder(source)
@@ -129,8 +129,6 @@ class StoreSampler:
         Read once per store and kept: stores are in the training set of several rotations.
         """
         if self._moments is None:
-            from nic_fast.train.reader import EmbeddingReader
-
             height, width = self.grid_shape
             codes = EmbeddingReader(self.path)[0, 0:height, 0:width, :][self.usable].astype(np.float64)
             self._moments = np.stack([np.full(self.code_size, len(codes), np.float64), codes.sum(axis=0),
@@ -139,8 +137,6 @@ class StoreSampler:
 
     @classmethod
     def open(cls, path: str | Path) -> StoreSampler:
-        from nic_fast.store import open_store
-
         return cls(open_store(path))
 
     def random_centre(self, rng: np.random.Generator) -> tuple[int, int]:
@@ -160,17 +156,18 @@ class StoreSampler:
         i, j = self.random_centre(rng)
         return CropSpec(top=i - crop_px // 2, left=j - crop_px // 2, variant=variant)
 
-    def spread_centres(self, count: int, seed: int = 0) -> np.ndarray:
+    def spread_centres(self, count: int) -> np.ndarray:
         """Up to ``count`` (i, j) tissue cells spread evenly over the tissue, for test-time crops.
 
-        k-means on the coordinates of the usable cells, each centroid moved to its
-        nearest usable cell; a store without tissue gives its grid centre.
+        k-means (seeded, so a slide always gets the same test crops) on the coordinates
+        of the usable cells, each centroid moved to its nearest usable cell; a store
+        without tissue gives its grid centre.
         """
         cells = np.argwhere(self.usable)
         if len(cells) == 0:
             return np.array([[self.grid_shape[0] // 2, self.grid_shape[1] // 2]])
         if len(cells) <= count:
             return cells
-        centroids, _ = kmeans2(cells.astype(np.float64), count, seed=seed, minit="++")
+        centroids, _ = kmeans2(cells.astype(np.float64), count, seed=0, minit="++")
         nearest = np.argmin(((cells[None, :, :] - centroids[:, None, :]) ** 2).sum(-1), axis=1)
         return cells[np.unique(nearest)]
