@@ -80,3 +80,12 @@ def test_train_refuses_a_table_without_stores_with_a_clear_message(tmp_path: Pat
 def test_heatmap_refuses_an_unfinished_run(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["heatmap", str(tmp_path), str(tmp_path), "-o", str(tmp_path / "h.png")])
     assert result.exit_code != 0 and "not a training run" in result.output
+
+
+@pytest.mark.slow
+def test_heatmap_refuses_a_class_the_networks_do_not_have(demo: tuple[Path, str], tmp_path: Path) -> None:
+    out, _ = demo
+    store = out / "compressed" / "slide_000.zarr"
+    result = CliRunner().invoke(main, ["heatmap", str(out / "run"), str(store), "--class", "1",
+                                       "-o", str(tmp_path / "h.png")])
+    assert result.exit_code != 0 and "have 1 output(s), classes 0..0" in result.output

@@ -39,8 +39,12 @@ def heatmap(run_dir: Path, store: Path, out_png: Path, mask_path: Path | None, t
         models, which = run.models_for(store, device)
         prediction = predict_store(models, StoreSampler(slide), crop_px=run.config.crop_px,
                                    crops=run.config.tta_crops, device=device)
+        outputs = models[0].network.config.outputs
         if target is None:
             target = int(prediction.argmax()) if run.config.task == "multiclass" else 0
+        elif target >= outputs:
+            raise click.ClickException(f"--class {target}: the run's networks have {outputs} output(s), "
+                                       f"classes 0..{outputs - 1}")
         raw = slide_heatmap(models, slide, target=target, device=device)
         predicted = lesion_cells(raw, slide.tissue)
         truth = mask_to_grid(mask_path, slide) if mask_path else None

@@ -6,10 +6,10 @@ layers 7 and 8; then dense 128 + BN + LeakyReLU and the output layer (the paper'
 appendix). The paper's L2 penalty of 1e-5 on the kernels is applied by the optimiser
 (:func:`parameter_groups`).
 
-One choice the paper leaves open is how the last feature map becomes a vector: here it
-is global max pooling, which makes the network take grids of any size (test crops,
-whole-slide Grad-CAM) and answers "is there evidence anywhere in the crop", the
-question a slide-level label asks.
+The last feature map becomes a vector by global max pooling rather than by flattening
+a map of fixed size: the network then takes grids of any size (test crops, whole-slide
+Grad-CAM) and answers "is there evidence anywhere in the crop", the question a
+slide-level label asks. Inputs are standardised first (see :class:`NICNet`).
 """
 from __future__ import annotations
 
