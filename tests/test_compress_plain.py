@@ -125,6 +125,8 @@ def test_cli_mpp_none(tmp_path, gray_mean_encoder):
                               "--encoder", str(gray_mean_encoder)])
     assert ok.exit_code == 0, ok.output
     assert open_store(tmp_path / "out" / "c.zarr").grid_shape == (3, 4)
+    info = runner.invoke(main, ["info", str(tmp_path / "out" / "c.zarr")])
+    assert info.exit_code == 0 and "pixel units" in info.output, info.output
     bad = runner.invoke(main, ["compress", str(tmp_path / "c.png"), "-o", str(tmp_path / "o2"), "--mpp", "fine"])
     assert bad.exit_code == 2 and "neither a µm/px value nor 'none'" in bad.output
     refused = runner.invoke(main, ["compress", str(tmp_path / "c.png"), "-o", str(tmp_path / "o3"), "--mpp", "none",

@@ -11,6 +11,14 @@ from rich.table import Table
 from nic_fast.store import StoreError, open_store
 
 
+def _resolution(attrs: dict) -> str:
+    """Working and scanned µm/px, or "pixel units" for plain images compressed with --mpp none."""
+    if attrs.get("mpp") is None:
+        return f"pixel units (level {attrs['level']}, ×{attrs['downsample']} box downsample)"
+    return (f"{attrs['mpp']:.4g} (level {attrs['level']}, ×{attrs['downsample']} box downsample; "
+            f"scanned {attrs['scanned_mpp']:.4g})")
+
+
 @click.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the full nic_fast attributes as JSON.")
@@ -31,7 +39,7 @@ def info(store: Path, as_json: bool) -> None:
         ("variants A", str(slide.variants)),
         ("code size C", str(slide.code_size)),
         ("encoder", f"{a['encoder']['name']} ({a['encoder']['sha256'][:12]})"),
-        ("µm/px", f"{a['mpp']:.4g} (level {a['level']}, ×{a['downsample']} box downsample; scanned {a['scanned_mpp']:.4g})"),
+        ("µm/px", _resolution(a)),
         ("patch / stride px", f"{a['patch_px']} / {a['stride_px']}"),
         ("tissue fraction", f"{a['tissue_fraction']:.1%} ({int(slide.tissue.sum())} cells)"),
         ("valid fraction", f"{slide.valid.mean():.1%}"),
