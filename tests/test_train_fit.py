@@ -153,3 +153,24 @@ def test_one_fixed_split_trains_into_its_folder(run: Path, records: list[SlideRe
     assert (tmp_path / "split" / "predictions.csv").read_text() == (run / "rotation_2" / "predictions.csv").read_text()
     with pytest.raises(RunError, match="every record's fold"):
         train_rotation(rotations(4)[2], records, CONFIG, tmp_path / "other", OPTIONS)
+
+
+@pytest.mark.parametrize(("task", "labels", "name", "columns"), [
+    ("multiclass", [0.0, 1.0, 2.0], "accuracy", ["prediction", "p_0", "p_1", "p_2"]),
+    ("regression", [10.0, 55.5, 80.0, 120.0], "Spearman", ["prediction"]),
+])
+def test_multiclass_and_regression_runs(records: list[SlideRecord], tmp_path: Path, task: str, labels: list[float],
+                                        name: str, columns: list[str]) -> None:
+    relabelled = [SlideRecord(r.store, labels[i % len(labels)]) for i, r in enumerate(records)]
+    config = FitConfig(task=task, crop_px=12, epochs=1, batch_size=8,  # type: ignore[arg-type]
+                       crops_per_slide=8, tta_crops=1, folds=3)
+    result = cross_validate(relabelled, config, tmp_path / "run", OPTIONS)
+    assert result.pooled.name == name and len(result.per_rotation) == 3
+    rows = _rows(tmp_path / "run" / "predictions.csv")
+    assert list(rows[0])[4:] == columns and len(rows) == 12
+    if task == "multiclass":
+        probabilities = np.array([[float(row[f"p_{k}"]) for k in range(3)] for row in rows])
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+        assert [int(row["prediction"]) for row in rows] == probabilities.argmax(axis=1).tolist()
+    else:  # standardised targets: predictions come back in label units, centred on the training labels
+        assert 10.0 < np.mean([float(row["prediction"]) for row in rows]) < 120.0
