@@ -5,8 +5,6 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 NIC     := $(VENV)/bin/nic-fast
 DEMO    ?= demo-out
-# The paper's BiGAN encoder, when the reference data sits beside the checkout.
-BIGAN_H5 ?= ../shared/data/nic-paper-encoders/encoder_bigan.h5
 
 .PHONY: install test demo bench clean
 
