@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -24,21 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import describe as describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, torch {torch.__version__}"
 
 
 def prepare(workdir: Path, size: int, small_size: int, h5: Path) -> tuple[Path, Path, Path]:
@@ -151,7 +139,7 @@ def main() -> None:
     naive = naive_baseline(big, args.workdir / "out-big" / f"{big.stem}.zarr", encoder, args.batch_size,
                            args.baseline_patches)
 
-    print(f"\nmachine: {machine()}")
+    print(f"\nmachine: {describe_machine()}")
     print(f"slide: {big.name} ({patches} tissue patches), encoder: BiGAN (paper), batch {args.batch_size}\n")
     rows = [
         ("encoder only, ready tensors", f"{ceiling:8.0f} patches/s", ""),

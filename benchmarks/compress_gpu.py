@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from machine import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -42,14 +43,8 @@ CHILD_TIMEOUT_S = 300  # a hung child fails the benchmark with its output instea
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return {"gpus": gpus, "cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+    return {"gpus": gpus, "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
             "cuda": torch.version.cuda, "python": platform.python_version()}
 
 

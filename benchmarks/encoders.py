@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from machine import describe as describe_machine
 from rich.console import Console
 from rich.table import Table
 
@@ -56,19 +55,6 @@ class Row:
     slide_patches_per_s: float | None = None
     train_seconds: float | None = None
     probe_accuracy: float | None = None
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), {platform.system()} "
-            f"{platform.release()}, torch {torch.__version__}")
 
 
 def digit_halves(seed: int) -> tuple[PatchSet, PatchSet]:
@@ -165,7 +151,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True)
-    console.print(f"machine: {machine()}")
+    console.print(f"machine: {describe_machine()}")
     train, held_out = digit_halves(args.seed)
     settings = ProbeConfig(seed=args.seed)
     module, spec = mean_pixel_encoder(9, 1, None)
@@ -183,7 +169,7 @@ def main() -> None:
         console.print(f"{name}: probe accuracy {rows[-1].probe_accuracy:.1%}")
     Console(width=160).print(table(rows, args.steps))
     print(markdown(rows, args.steps))
-    results = {"machine": machine(), "steps": args.steps, "seed": args.seed, "rows": [vars(r) for r in rows]}
+    results = {"machine": describe_machine(), "steps": args.steps, "seed": args.seed, "rows": [vars(r) for r in rows]}
     (args.workdir / "results.json").write_text(json.dumps(results, indent=2))
     console.print(f"results: {args.workdir / 'results.json'}")
 

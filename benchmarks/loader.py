@@ -18,14 +18,13 @@ Usage: python benchmarks/loader.py [--code-size 128] [--crop-px 128] [--grid 256
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from machine import describe as describe_machine
 import zarr
 from rich.console import Console
 from rich.table import Table
@@ -38,15 +37,6 @@ from nic_fast.train.sampler import StoreSampler, read_crop
 
 BATCH = 16
 TILE_CELLS = 16
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, torch {torch.__version__}"
 
 
 def write_store(path: Path, grid: int, code_size: int, seed: int) -> Path:
@@ -134,7 +124,7 @@ def main() -> None:
                         crops_per_epoch=args.batches * BATCH)
     crop_mb = args.crop_px**2 * args.code_size * 2 / 2**20
     console = Console()
-    console.print(f"{machine()}\n{args.stores} stores of {args.grid}² cells × C={args.code_size}, A=8; "
+    console.print(f"{describe_machine()}\n{args.stores} stores of {args.grid}² cells × C={args.code_size}, A=8; "
                   f"crops {args.crop_px}² cells ({crop_mb:.2f} MiB float16), batch {BATCH}, {args.workers} loader workers, "
                   f"{RunOptions(workers=args.workers).torch_threads()} PyTorch threads")
 
