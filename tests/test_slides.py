@@ -211,3 +211,20 @@ def test_transformed_copy_of_a_slide_round_trips(cmu_svs: Path, tmp_path: Path, 
         # Q90 re-encoding of already-JPEG'd tissue; white padding keeps the edges clean.
         assert diff.mean() < 2.5
         assert np.abs(copy.read_region(0, 1290, 1090, 10, 10).astype(int) - image[-10:, -10:]).mean() < 6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_thumbnail_at_a_level_downsample_is_that_level(pyramid: Path, backend: str, monkeypatch) -> None:
+    """The fast path (no resampling) gives what the area-average path gives."""
+    import nic_fast.slides.base as base
+
+    original_area_mean = base._area_mean
+    with open_slide(pyramid, backend=backend) as slide:
+        fast = slide.thumbnail(4)
+        np.testing.assert_array_equal(fast, slide.read_region(1, 0, 0, 576, 768))
+        calls = []
+        monkeypatch.setattr(base, "_area_mean", lambda *a, **k: (calls.append(1), original_area_mean(*a, **k))[1])
+        general = slide.thumbnail(4.0000001)  # a hair off the level: resampled through _area_mean
+    assert calls and general.shape == fast.shape
+    assert np.abs(general.astype(int) - fast.astype(int)).max() <= 1
+

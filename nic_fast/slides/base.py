@@ -98,6 +98,8 @@ class SlideReader(abc.ABC):
         # Output pixel k spans [k * step, (k + 1) * step) level pixels on each axis.
         step_y = downsample * level_h / full_h
         step_x = downsample * level_w / full_w
+        if step_y == 1.0 and step_x == 1.0:  # a level at exactly this downsample: no resampling
+            return self.read_region(level, 0, 0, out_h, out_w)
         block_h = max(1, int(_THUMBNAIL_BLOCK_PX / step_y))
         block_w = max(1, int(_THUMBNAIL_BLOCK_PX / step_x))
         out = np.empty((out_h, out_w, self.channels), dtype=np.uint8)
