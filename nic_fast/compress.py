@@ -316,8 +316,12 @@ class _Region:
 
 
 class _Batcher:
-    """Fills a fixed encoder batch with patches from many regions, encodes it when full,
-    and scatters the embeddings back into their tiles."""
+    """Fills encoder batches with patches from many regions and scatters the embeddings
+    back into their tiles.
+
+    Two batch buffers: a full batch is encoded on its own thread while the next one is
+    patchified, so the encoder never waits for the kernel. Scattering and tile hand-off
+    stay on the caller's thread, which owns the tiles."""
 
     def __init__(self, compressor: Compressor, on_tile_done: Callable[[_TileWork], None], timings: Timings,
                  progress: ProgressFn | None) -> None:
@@ -325,9 +329,16 @@ class _Batcher:
         self.on_tile_done = on_tile_done
         self.timings = timings
         self.progress = progress
-        self.batch = compressor.new_batch()
+        self.buffers = (compressor.new_batch(), compressor.new_batch())
+        self.current = 0
         self.filled = 0
         self.parts: list[tuple[_TileWork, int, np.ndarray, int, int]] = []  # work, variant, cells, start, count
+        self.encoder = ThreadPoolExecutor(1, thread_name_prefix="nic-fast-encode")
+        self.in_flight: tuple[Future[tuple[np.ndarray, float]], list, int] | None = None
+
+    @property
+    def batch(self) -> torch.Tensor:
+        return self.buffers[self.current]
 
     def add(self, region: _Region, variants: Iterable[int]) -> None:
         assert region.pixels is not None
@@ -348,20 +359,41 @@ class _Batcher:
                     self.flush()
 
     def flush(self) -> None:
+        """Send the current batch to the encoder thread and switch to the other buffer
+        (after collecting the batch that was using it)."""
         if self.filled == 0:
             return
+        self._collect()
+        self.in_flight = (self.encoder.submit(self._encode, self.batch[: self.filled]), self.parts, self.filled)
+        self.current ^= 1
+        self.parts, self.filled = [], 0
+
+    def finish(self) -> None:
+        """Encode what is left and scatter everything."""
+        self.flush()
+        self._collect()
+
+    def close(self) -> None:
+        self.encoder.shutdown(wait=True, cancel_futures=True)
+
+    def _encode(self, patches: torch.Tensor) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
-        embeddings = self.c.encode(self.batch[: self.filled])
-        self.timings.encode_s += time.perf_counter() - t0
-        for work, variant, cells, start, count in self.parts:
+        return self.c.encode(patches), time.perf_counter() - t0
+
+    def _collect(self) -> None:
+        if self.in_flight is None:
+            return
+        future, parts, filled = self.in_flight
+        self.in_flight = None
+        embeddings, seconds = future.result()
+        self.timings.encode_s += seconds
+        for work, variant, cells, start, count in parts:
             kernels.scatter(embeddings[start : start + count], cells, work.embeddings[variant])
             work.pending -= count
             if work.pending == 0:
                 self.on_tile_done(work)
         if self.progress:
-            self.progress(self.filled)
-        self.parts.clear()
-        self.filled = 0
+            self.progress(filled)
 
 
 class CpuEngine:
@@ -407,8 +439,9 @@ class CpuEngine:
                 while in_flight:
                     invalid += self._consume(in_flight.popleft(), batcher, job.timings, failed_regions)
                     read_regions += 1
-            batcher.flush()
+            batcher.finish()
         finally:
+            batcher.close()
             writer.close()
             handles.close()
         fail_if_unreadable(job.reader, failed_regions, read_regions)
