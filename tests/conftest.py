@@ -31,3 +31,34 @@ def paper_encoders() -> Path:
 @pytest.fixture
 def mnist_npz() -> Path:
     return _shared("mnist/mnist-10k.npz")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One CPU thread: small networks gain nothing from two, and a busy machine slows them badly."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fail_region_reads_at_origin(monkeypatch):
+    """Make every reader fail region reads that start at (0, 0) and are shorter than
+    ``max_height_px`` (tile reads, not the thumbnail), as a JPEG decode error would."""
+    from nic_fast.slides.base import SlideReader
+
+    def install(max_height_px: int) -> None:
+        for cls in SlideReader.__subclasses__():
+            original = cls.read_region
+
+            def failing(self, level, y, x, height, width, _original=original):
+                if y == 0 and x == 0 and height < max_height_px:
+                    raise OSError("JPEG decode error")
+                return _original(self, level, y, x, height, width)
+
+            monkeypatch.setattr(cls, "read_region", failing)
+
+    return install

@@ -147,19 +147,9 @@ def test_gpu_decode_and_cpu_decode_agree(tmp_path, conv_encoder):
 
 
 @on_gpu
-def test_unreadable_region_marks_cells_invalid_on_the_gpu(tmp_path, monkeypatch):
-    from nic_fast.slides.base import SlideReader
-
+def test_unreadable_region_marks_cells_invalid_on_the_gpu(tmp_path, fail_region_reads_at_origin):
     slide = write_tiff(tmp_path / "s.tif", tissue_image(4 * PATCH_PX, 4 * PATCH_PX, seed=4))
-    for cls in SlideReader.__subclasses__():
-        original = cls.read_region
-
-        def failing(self, level, y, x, height, width, _original=original):
-            if y == 0 and x == 0 and height < 4 * PATCH_PX:
-                raise OSError("JPEG decode error")
-            return _original(self, level, y, x, height, width)
-
-        monkeypatch.setattr(cls, "read_region", failing)
+    fail_region_reads_at_origin(4 * PATCH_PX)
     embeddings, attrs = compress(slide, tmp_path / "out", device="cuda", decode="cpu", tile_cells=2)
     store = open_store(tmp_path / "out" / "s.zarr")
     expected = np.ones((4, 4), bool)

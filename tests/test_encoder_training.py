@@ -28,13 +28,7 @@ from nic_fast.store import open_store
 from nic_fast.synthetic import write_synthetic_slide
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One CPU thread: these tiny networks gain nothing from two, and a busy machine slows them badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def bars(n: int, seed: int = 0, patch_px: int = 9) -> PatchSet:

@@ -20,13 +20,7 @@ from nic_fast.encoder_training.probe import ProbeConfig, embed_patches, probe
 from nic_fast.encoders import Encoder, EncoderError, EncoderSpec, load_encoder, save_encoder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One CPU thread: small networks gain nothing from two, and a busy machine slows them badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def mean_pixel(patch_px: int, channels: int = 1) -> Encoder:
