@@ -11,6 +11,13 @@ rotated by a random multiple of 90° and randomly mirrored. Digits whose centre 
 inside a rectangle are drawn from that rectangle's class (the tilted one's class c,
 the other a different class); elsewhere from any class. The image's label is c.
 
+Besides the image and the mask, each canvas gets a *cell map*: one pixel per 9-px grid
+cell (the cells ``compress --mpp none`` encodes) holding the class of the digit whose
+centre lies in that cell, or :data:`NO_DIGIT`. It is the ground truth for a supervised
+cell classifier (the benchmark's oracle encoder) and for probing what an encoder's codes
+of real canvas cells say; a jittered digit spills into its neighbours, so a cell rarely
+holds a whole digit.
+
 Generation is deterministic per (seed, image index) and parallel over processes.
 """
 from __future__ import annotations
@@ -22,14 +29,15 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
 from nic_fast.encoder_training.mnist import MNIST_PATCH_PX, binarised_mnist_patches, load_mnist_npz
 
-__all__ = ["DEFAULT_DIGITS", "DIGIT_FILL", "MnistCanvas", "canvas_layout", "digit_pool", "load_digits",
-           "write_mnist_rectangles"]
+__all__ = ["DEFAULT_DIGITS", "DIGIT_FILL", "NO_DIGIT", "MnistCanvas", "RenderedCanvas", "canvas_layout",
+           "digit_pool", "load_digits", "render_canvas", "write_mnist_rectangles"]
 
 # The reference digits beside a checkout (../shared/data/mnist/); any other MNIST file
 # can be given instead.
@@ -41,6 +49,7 @@ JITTER_PX = 4
 DIGIT_FILL = 25_920 / 400**2
 N_CLASSES = 10
 TILTED, STRAIGHT = 1, 2  # mask values
+NO_DIGIT = 255  # cell-map value of a cell without a digit centred in it
 # Digits: of each class, the first TRAIN_FRACTION feed training images, the rest test
 # images, so that the two never share a digit.
 TRAIN_FRACTION = 0.8
@@ -52,10 +61,21 @@ class MnistCanvas:
 
     image_path: Path
     mask_path: Path
+    cells_path: Path  # the cell map: digit class per 9-px grid cell, NO_DIGIT where none
     label: int  # class of the digits inside the tilted rectangle
     straight_class: int
     tilted_fraction: float  # tilted rectangle's area / canvas area
     split: str
+
+
+class RenderedCanvas(NamedTuple):
+    """One canvas in memory: image and mask (canvas_px²), cell map (canvas_px // 9)²."""
+
+    image: np.ndarray
+    mask: np.ndarray
+    tilted_class: int
+    straight_class: int
+    cells: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -173,8 +193,8 @@ def _digit_positions(rng: np.random.Generator, canvas_px: int) -> np.ndarray:
 
 
 def render_canvas(rng: np.random.Generator, canvas_px: int, glyphs: np.ndarray, glyph_labels: np.ndarray,
-                  ) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """(image uint8, mask uint8, tilted class, straight class) for one canvas."""
+                  ) -> RenderedCanvas:
+    """Image, mask, the two rectangles' classes and the cell map of one canvas."""
     mask = canvas_layout(rng, canvas_px)
     tilted_class = int(rng.integers(N_CLASSES))
     straight_class = int((tilted_class + rng.integers(1, N_CLASSES)) % N_CLASSES)
@@ -190,18 +210,30 @@ def render_canvas(rng: np.random.Generator, canvas_px: int, glyphs: np.ndarray, 
         glyph = glyphs[by_class[digit_class][rng.integers(len(by_class[digit_class]))]]
         window = image[y : y + GRID_PX, x : x + GRID_PX]
         np.maximum(window, glyph, out=window)
-    return image, mask, tilted_class, straight_class
+    return RenderedCanvas(image, mask, tilted_class, straight_class, _cell_map(canvas_px, centre, classes))
+
+
+def _cell_map(canvas_px: int, centres: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Class of the digit centred in each grid cell. Jitter keeps a centre inside its own
+    grid position's cell, so no cell gets two digits."""
+    cells = canvas_px // GRID_PX
+    cell_map = np.full((cells, cells), NO_DIGIT, np.uint8)
+    row, col = np.minimum(centres // GRID_PX, cells - 1).T
+    cell_map[row, col] = classes
+    return cell_map
 
 
 def _write_one(args: tuple[Path, int, int, int, str, np.ndarray, np.ndarray]) -> MnistCanvas:
     out_dir, index, seed, canvas_px, split, glyphs, glyph_labels = args
     rng = np.random.default_rng([seed, index])
-    image, mask, label, straight_class = render_canvas(rng, canvas_px, glyphs, glyph_labels)
+    canvas = render_canvas(rng, canvas_px, glyphs, glyph_labels)
     stem = f"{split}_{index:05d}"
-    image_path, mask_path = out_dir / f"{stem}.png", out_dir / f"{stem}_mask.png"
-    Image.fromarray(image, mode="L").save(image_path, optimize=False)
-    Image.fromarray(mask, mode="L").save(mask_path)
-    return MnistCanvas(image_path, mask_path, label, straight_class, float((mask == TILTED).mean()), split)
+    image_path, mask_path, cells_path = (out_dir / f"{stem}{suffix}.png" for suffix in ("", "_mask", "_cells"))
+    Image.fromarray(canvas.image, mode="L").save(image_path, optimize=False)
+    Image.fromarray(canvas.mask, mode="L").save(mask_path)
+    Image.fromarray(canvas.cells, mode="L").save(cells_path)
+    return MnistCanvas(image_path, mask_path, cells_path, canvas.tilted_class, canvas.straight_class,
+                       float((canvas.mask == TILTED).mean()), split)
 
 
 def write_mnist_rectangles(out_dir: str | os.PathLike[str], n: int, *, digits: tuple[np.ndarray, np.ndarray],
@@ -210,8 +242,9 @@ def write_mnist_rectangles(out_dir: str | os.PathLike[str], n: int, *, digits: t
     """Write ``n`` canvases (``<split>_NNNNN.png``, ``..._mask.png``) and ``labels.csv``.
 
     ``digits`` is (images, labels) as :func:`load_digits` returns them.
-    ``labels.csv`` has columns image,label,straight_class,tilted_fraction,split,mask.
-    The mask PNG holds 1 inside the tilted rectangle and 2 inside the other one.
+    ``labels.csv`` has columns image,label,straight_class,tilted_fraction,split,mask,cells.
+    The mask PNG holds 1 inside the tilted rectangle and 2 inside the other one; the
+    cells PNG is the cell map (one pixel per 9-px cell, NO_DIGIT where no digit).
     """
     if canvas_px < 20 * GRID_PX:
         raise ValueError(f"canvas_px must be at least {20 * GRID_PX} (20 digits across), got {canvas_px}")
@@ -233,7 +266,7 @@ def write_mnist_rectangles(out_dir: str | os.PathLike[str], n: int, *, digits: t
 def _write_labels(path: Path, canvases: list[MnistCanvas]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["image", "label", "straight_class", "tilted_fraction", "split", "mask"])
+        writer.writerow(["image", "label", "straight_class", "tilted_fraction", "split", "mask", "cells"])
         for c in canvases:
             writer.writerow([c.image_path.name, c.label, c.straight_class, f"{c.tilted_fraction:.6f}", c.split,
-                             c.mask_path.name])
+                             c.mask_path.name, c.cells_path.name])

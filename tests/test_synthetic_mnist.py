@@ -15,6 +15,7 @@ from nic_fast.encoder_training.mnist import binarised_mnist_patches
 from nic_fast.synthetic_mnist import (
     DIGIT_FILL,
     GRID_PX,
+    NO_DIGIT,
     STRAIGHT,
     TILTED,
     canvas_layout,
@@ -73,13 +74,24 @@ def test_layout_has_one_tilted_and_one_straight_rectangle():
 def test_canvas_invariants(fake_digits):
     glyphs, labels = digit_pool(fake_digits, "train")
     canvas_px = 450
-    image, mask, tilted_class, straight_class = render_canvas(np.random.default_rng(3), canvas_px, glyphs, labels)
+    # the first seed whose tilted rectangle covers 3 % of the canvas, so that it holds digits
+    image, mask, tilted_class, straight_class, cell_map = next(
+        canvas for seed in range(100)
+        if ((canvas := render_canvas(np.random.default_rng(seed), canvas_px, glyphs, labels)).mask == TILTED).mean() > 0.03)
     assert image.shape == mask.shape == (canvas_px, canvas_px) and tilted_class != straight_class
     assert set(np.unique(image)) <= {0, 255}
     # each glyph lights 4 px of one row; overlaps of jittered glyphs only lose some
     cells = canvas_px // GRID_PX
     expected_px = DIGIT_FILL * cells * cells * 4
     assert 0.7 * expected_px < (image > 0).sum() <= expected_px
+    # the cell map has one entry per digit (no two digits share a cell); cells inside the
+    # tilted rectangle hold its class, except near the border where a jittered digit's
+    # centre may fall outside it
+    assert cell_map.shape == (cells, cells)
+    assert (cell_map != NO_DIGIT).sum() == round(DIGIT_FILL * cells * cells)
+    centre = mask[GRID_PX // 2 :: GRID_PX, GRID_PX // 2 :: GRID_PX][:cells, :cells]
+    inside = cell_map[(centre == TILTED) & (cell_map != NO_DIGIT)]
+    assert len(inside) > 5 and np.bincount(inside, minlength=10).argmax() == tilted_class
 
 
 def test_digits_inside_rectangles_have_their_class(fake_digits, monkeypatch):
@@ -90,13 +102,18 @@ def test_digits_inside_rectangles_have_their_class(fake_digits, monkeypatch):
     monkeypatch.setattr(sm, "JITTER_PX", 0)
     monkeypatch.setattr(sm, "DIGIT_FILL", 0.3)
     canvas_px = 360
-    image, mask, tilted_class, straight_class = sm.render_canvas(np.random.default_rng(5), canvas_px, glyphs, labels)
+    image, mask, tilted_class, straight_class, cell_map = sm.render_canvas(np.random.default_rng(5), canvas_px, glyphs,
+                                                                           labels)
     seen = {TILTED: set(), STRAIGHT: set(), 0: set()}
     for i in range(0, canvas_px, GRID_PX):
         for j in range(0, canvas_px, GRID_PX):
             glyph = image[i : i + GRID_PX, j : j + GRID_PX]
+            in_map = int(cell_map[i // GRID_PX, j // GRID_PX])
             if glyph.any():
                 seen[int(mask[i + GRID_PX // 2, j + GRID_PX // 2])].add(glyph_class(glyph))
+                assert in_map == glyph_class(glyph)  # the cell map names the digit drawn there
+            else:
+                assert in_map == NO_DIGIT
     assert seen[TILTED] == {tilted_class}
     assert seen[STRAIGHT] == {straight_class}
     assert len(seen[0]) > 5  # outside: any class
@@ -117,6 +134,9 @@ def test_write_is_deterministic_and_labels_match(tmp_path, fake_digits):
         assert int(row["label"]) == canvas.label
         mask = np.asarray(Image.open(tmp_path / "a" / row["mask"]))
         assert float(row["tilted_fraction"]) == pytest.approx((mask == TILTED).mean(), abs=1e-6)
+        cell_map = np.asarray(Image.open(tmp_path / "a" / row["cells"]))
+        assert cell_map.shape == (270 // GRID_PX,) * 2 and np.array_equal(
+            cell_map, np.asarray(Image.open(canvas.cells_path)))
 
 
 def test_real_mnist_and_idx_input(tmp_path, mnist_npz):
