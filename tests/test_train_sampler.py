@@ -77,6 +77,17 @@ def test_random_crops_use_every_transform_and_stay_on_tissue(tmp_path: Path) -> 
     assert all(sampler.usable[s.top + 5, s.left + 5] for s in specs)
 
 
+def test_a_store_that_fits_in_the_crop_is_never_cut(tmp_path: Path) -> None:
+    sampler = StoreSampler.open(random_store(tmp_path / "s.zarr", shape=(1, 10, 30, 2)))
+    rng = np.random.default_rng(4)
+    exact = [sampler.random_crop(rng, 30) for _ in range(50)]  # 30 cells: rows fit, columns exactly
+    assert {(s.left) for s in exact} == {0} and {s.top for s in exact} == set(range(-20, 1))
+    larger = [sampler.random_crop(rng, 12) for _ in range(200)]  # rows fit with 2 to spare, columns do not
+    assert {s.top for s in larger} == {-2, -1, 0}
+    # columns still follow the tissue: the crop's middle column crosses it
+    assert all(sampler.usable[:, s.left + 6].any() for s in larger) and len({s.left for s in larger}) > 3
+
+
 def test_test_centres_spread_over_the_tissue(tmp_path: Path) -> None:
     sampler = StoreSampler.open(random_store(tmp_path / "s.zarr", shape=(1, 60, 60, 2)))
     centres = sampler.spread_centres(10)

@@ -67,8 +67,9 @@ def mnist_rectangles(out_dir: Path, n: int, canvas_px: int, seed: int, split: st
     """The paper's synthetic task: MNIST digits on a canvas, labelled by a tilted rectangle.
 
     Writes <split>_NNNNN.png (grayscale), <split>_NNNNN_mask.png (1 = tilted rectangle,
-    2 = the axis-aligned one) and labels.csv (image,label,...; label = the class of the
-    digits inside the tilted rectangle).
+    2 = the axis-aligned one), <split>_NNNNN_cells.png (one pixel per 9-px cell: the
+    class of the digit centred in it, 255 where none) and labels.csv (image,label,...;
+    label = the class of the digits inside the tilted rectangle).
     """
     try:
         digits = load_digits(digits_path, digit_labels)

@@ -102,6 +102,14 @@ def read_crop(embeddings: Any, spec: CropSpec, crop_px: int, background: np.ndar
     return np.ascontiguousarray(dihedral(window, spec.variant))
 
 
+def _crop_start(rng: np.random.Generator, centre: int, size: int, crop_px: int) -> int:
+    """First cell of a crop along one axis: centred on ``centre``, or, where the store's
+    ``size`` fits in the crop, anywhere that keeps all of it inside."""
+    if crop_px >= size:
+        return int(rng.integers(size - crop_px, 1))
+    return centre - crop_px // 2
+
+
 class StoreSampler:
     """What the loaders need to know about one store, computed once when a run starts.
 
@@ -151,10 +159,17 @@ class StoreSampler:
         return divmod(min(flat, height * width - 1), width)
 
     def random_crop(self, rng: np.random.Generator, crop_px: int) -> CropSpec:
-        """A training crop: centre ∝ distance to background, one of the 8 transforms at random."""
+        """A training crop: centre ∝ distance to background, one of the 8 transforms at random.
+
+        Along an axis the store fits in, the crop holds the store's whole extent at a
+        random offset instead: a crop centred on a cell would cut off part of a small
+        image (a synthetic canvas), and with it perhaps the evidence its label rests on.
+        """
         variant = int(rng.integers(_AUGMENTED_VARIANTS))
         i, j = self.random_centre(rng)
-        return CropSpec(top=i - crop_px // 2, left=j - crop_px // 2, variant=variant)
+        height, width = self.grid_shape
+        return CropSpec(top=_crop_start(rng, i, height, crop_px), left=_crop_start(rng, j, width, crop_px),
+                        variant=variant)
 
     def spread_centres(self, count: int) -> np.ndarray:
         """Up to ``count`` (i, j) tissue cells spread evenly over the tissue, for test-time crops.
