@@ -1,4 +1,4 @@
-"""The NIC CNN: architecture, shapes, parameter count, input standardisation, checkpoints."""
+"""The NIC CNN: architecture, configurable depth, shapes, parameter count, input standardisation, checkpoints."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from nic_fast.train.model import L2_PENALTY, ModelConfig, NICNet, TrainedModel, parameter_groups
+from nic_fast.train.model import L2_PENALTY, PAPER_STRIDES, ModelConfig, NICNet, TrainedModel, parameter_groups
 
 
 def _expected_parameters(channels: int, outputs: int, filters: int = 128, dense: int = 128) -> int:
@@ -76,3 +76,54 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     torch.testing.assert_close(loaded.predictions(loaded.network(x)), model.predictions(model.network(x)))
     assert (loaded.task, loaded.target_mean, loaded.target_std) == ("regression", 2.0, 3.0)
     assert not loaded.network.training
+
+
+def test_strides_set_the_depth_and_the_feature_map_sizes() -> None:
+    network = NICNet(ModelConfig(in_channels=4, outputs=3, strides=(1, 1, 2), dropout=0.0)).eval()
+    assert [block.depthwise.stride[0] for block in network.features] == [1, 1, 2]
+    assert all(block.dropout.p == 0.0 for block in network.features)
+    x = torch.randn(2, 4, 30, 30)
+    assert network(x).shape == (2, 3)
+    sides = []
+    for block in network.features:
+        x = block(x)
+        sides.append(tuple(x.shape[2:]))
+    assert sides == [(30, 30), (30, 30), (15, 15)]
+
+
+def test_the_paper_network_is_the_default() -> None:
+    assert ModelConfig(3, 1).strides == PAPER_STRIDES == (2, 2, 2, 2, 2, 2, 1, 1)
+    side = 60  # six stride-2 layers leave a 60-cell canvas one cell wide
+    x = torch.randn(2, 3, side, side)
+    for block in NICNet(ModelConfig(3, 1)).eval().features:
+        x = block(x)
+    assert x.shape[2:] == (1, 1)
+
+
+@pytest.mark.parametrize(("strides", "dropout", "message"),
+                         [((), 0.2, "at least one"), ((3,), 0.2, "1 or 2"), ((2, 0), 0.2, "1 or 2"),
+                          ((1, 2), 1.0, "dropout"), ((1, 2), -0.1, "dropout")])
+def test_model_config_rejects_impossible_networks(strides: tuple[int, ...], dropout: float, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(3, 1, dropout=dropout, strides=strides)
+
+
+def test_checkpoint_keeps_strides_and_dropout(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    model = TrainedModel(NICNet(ModelConfig(3, 2, dropout=0.1, strides=(1, 2, 2))), "multiclass")
+    model.network.eval()
+    model.save(tmp_path / "m.pt")
+    loaded = TrainedModel.load(tmp_path / "m.pt")
+    assert loaded.network.config == model.network.config
+    assert loaded.network.config.strides == (1, 2, 2) and loaded.network.config.dropout == 0.1
+    x = torch.rand(2, 3, 20, 20)
+    torch.testing.assert_close(loaded.network(x), model.network(x))
+
+
+def test_a_checkpoint_from_before_strides_loads_as_the_paper_network(tmp_path: Path) -> None:
+    TrainedModel(NICNet(ModelConfig(3, 1)), "binary").save(tmp_path / "m.pt")
+    checkpoint = torch.load(tmp_path / "m.pt", weights_only=True)
+    del checkpoint["config"]["strides"]
+    torch.save(checkpoint, tmp_path / "old.pt")
+    loaded = TrainedModel.load(tmp_path / "old.pt")
+    assert loaded.network.config.strides == PAPER_STRIDES and len(loaded.network.features) == 8
