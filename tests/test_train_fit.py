@@ -1,15 +1,20 @@
-"""Cross-validated training: the loss falls, bookkeeping keeps test slides out, runs resume exactly."""
+"""Cross-validated training: the loss falls, bookkeeping keeps test slides out, runs resume exactly,
+and the network's strides and dropout reach it from `nic-fast train`."""
 from __future__ import annotations
 
 import csv
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from test_train_stores import write_store
 
+from nic_fast.cli import main
 from nic_fast.train.data import Rotation, SlideRecord, rotations
 from nic_fast.train.fit import (
     EpochLog,
@@ -21,6 +26,7 @@ from nic_fast.train.fit import (
     cross_validate,
     train_rotation,
 )
+from nic_fast.train.model import PAPER_STRIDES, TrainedModel
 
 OPTIONS = RunOptions(loader="torch", workers=0, threads=1)
 CONFIG = FitConfig(crop_px=12, epochs=3, batch_size=8, crops_per_slide=16, tta_crops=2, seed=1)
@@ -174,3 +180,69 @@ def test_multiclass_and_regression_runs(records: list[SlideRecord], tmp_path: Pa
         assert [int(row["prediction"]) for row in rows] == probabilities.argmax(axis=1).tolist()
     else:  # standardised targets: predictions come back in label units, centred on the training labels
         assert 10.0 < np.mean([float(row["prediction"]) for row in rows]) < 120.0
+
+
+@pytest.fixture(scope="module")
+def cli_run(records: list[SlideRecord], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`nic-fast train` with a 2-block network and no dropout, as small as a run gets."""
+    folder = tmp_path_factory.mktemp("cli")
+    table = folder / "slides.csv"
+    table.write_text("store,label\n" + "".join(f"{r.store},{r.label:g}\n" for r in records))
+    result = CliRunner().invoke(main, [
+        "train", str(table), "-o", str(folder / "run"), "--strides", "1,2", "--dropout", "0", "--folds", "3",
+        "--epochs", "1", "--crop-px", "12", "--crops-per-slide", "2", "--batch-size", "4", "--tta-crops", "1",
+        "--loader", "torch", "--workers", "0", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    return folder / "run"
+
+
+def test_the_cli_builds_the_network_its_strides_and_dropout_describe(cli_run: Path) -> None:
+    fit = json.loads((cli_run / "config.json").read_text())["fit"]
+    assert fit["strides"] == [1, 2] and fit["dropout"] == 0.0
+    assert TrainedRun.open(cli_run).config.strides == (1, 2)
+    network = TrainedModel.load(cli_run / "rotation_0" / "best.pt").network
+    assert [block.depthwise.stride[0] for block in network.features] == [1, 2]
+    assert all(block.dropout.p == 0.0 for block in network.features)
+
+
+def test_a_run_resumes_only_with_its_own_strides_and_dropout(cli_run: Path, records: list[SlideRecord]) -> None:
+    config = FitConfig(**json.loads((cli_run / "config.json").read_text())["fit"])
+    assert config.strides == (1, 2)
+    cross_validate(records, config, cli_run, OPTIONS)  # the tuple matches the JSON list
+    for other in (replace(config, strides=(2, 1)), replace(config, strides=PAPER_STRIDES),
+                  replace(config, dropout=0.2)):
+        with pytest.raises(RunError, match="other settings or slides"):
+            cross_validate(records, other, cli_run, OPTIONS)
+
+
+def test_a_run_from_before_strides_and_dropout_resumes_with_the_paper_network(run: Path, records: list[SlideRecord],
+                                                                                tmp_path: Path) -> None:
+    old = shutil.copytree(run, tmp_path / "old")
+    identity = json.loads((old / "config.json").read_text())
+    del identity["fit"]["strides"], identity["fit"]["dropout"]
+    (old / "config.json").write_text(json.dumps(identity))
+    cross_validate(records, CONFIG, old, OPTIONS)
+    with pytest.raises(RunError, match="other settings or slides"):
+        cross_validate(records, replace(CONFIG, strides=(1, 2)), old, OPTIONS)
+
+
+@pytest.mark.parametrize(("strides", "message"), [("1,3", "1 or 2 for every block"), ("", "invalid literal"),
+                                                  ("1,x", "invalid literal")])
+def test_the_cli_refuses_strides_other_than_1_or_2(tmp_path: Path, strides: str, message: str) -> None:
+    table = tmp_path / "slides.csv"
+    table.write_text("store,label\n")
+    result = CliRunner().invoke(main, ["train", str(table), "-o", str(tmp_path / "run"), "--strides", strides])
+    assert result.exit_code == 2 and "Invalid value for '--strides'" in result.output and message in result.output
+
+
+def test_the_cli_refuses_dropout_of_one(tmp_path: Path) -> None:
+    table = tmp_path / "slides.csv"
+    table.write_text("store,label\n")
+    result = CliRunner().invoke(main, ["train", str(table), "-o", str(tmp_path / "run"), "--dropout", "1"])
+    assert result.exit_code == 2 and "Invalid value for '--dropout'" in result.output
+
+
+@pytest.mark.parametrize("fields", [{"strides": ()}, {"strides": (3,)}, {"dropout": 1.0}])
+def test_fit_config_refuses_impossible_networks(fields: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="strides|dropout"):
+        FitConfig(**fields)  # type: ignore[arg-type]

@@ -36,7 +36,15 @@ import torch
 from nic_fast.train.data import Rotation, SlideRecord, Task, assign_folds, class_count, rotations
 from nic_fast.train.evaluate import DEFAULT_TTA_CROPS, MetricResult, bootstrap_metric, metric, store_outputs
 from nic_fast.train.loader import Backend, Batch, CropSource, default_workers, make_loader
-from nic_fast.train.model import ModelConfig, NICNet, TrainedModel, parameter_groups
+from nic_fast.train.model import (
+    PAPER_STRIDES,
+    ModelConfig,
+    NICNet,
+    TrainedModel,
+    checked_dropout,
+    checked_strides,
+    parameter_groups,
+)
 from nic_fast.train.sampler import StoreSampler
 
 __all__ = ["CrossValidation", "EpochLog", "FitConfig", "FitObserver", "RunError", "RunOptions", "TrainedRun",
@@ -65,8 +73,12 @@ class FitConfig:
     stop_patience: int = 10  # epochs without a better validation score before training stops
     tta_crops: int = DEFAULT_TTA_CROPS
     seed: int = 0
+    strides: tuple[int, ...] = PAPER_STRIDES  # the network's separable blocks (see nic_fast.train.model)
+    dropout: float = 0.2
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "strides", checked_strides(self.strides))
+        checked_dropout(self.dropout)
         if self.crop_px < 1 or self.epochs < 1 or self.batch_size < 2 or self.crops_per_slide < 1:
             raise ValueError("crop_px, epochs and crops_per_slide must be >= 1 and batch_size >= 2 "
                              "(batch normalisation needs two crops)")
@@ -215,7 +227,8 @@ class _RotationTrainer:
         labels = np.array([r.label for r in self.train], dtype=np.float64)
         torch.manual_seed(_derived_seed(config.seed, rotation.index, 0))
         network = NICNet(ModelConfig(in_channels=samplers[records[0].store].code_size,
-                                     outputs=_outputs_count(config.task, records))).to(self.device)
+                                     outputs=_outputs_count(config.task, records), dropout=config.dropout,
+                                     strides=config.strides)).to(self.device)
         if config.task == "regression":
             self.model = TrainedModel(network, config.task, float(labels.mean()), float(labels.std()) or 1.0)
         else:
@@ -388,12 +401,26 @@ def _run_identity(config: FitConfig, records: list[SlideRecord]) -> dict[str, An
             "slides": [{"store": str(r.store.resolve()), "label": r.label, "fold": r.fold} for r in records]}
 
 
+def _same_run(stored: dict[str, Any], config: FitConfig, identity: dict[str, Any]) -> bool:
+    """Whether a config.json describes the run ``config`` and ``identity`` do.
+
+    The settings are compared as FitConfigs, not as JSON: JSON turns the strides tuple
+    into a list, and a run written before a setting existed lacks its key (it used the
+    default).
+    """
+    try:
+        stored_config = FitConfig(**stored["fit"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return stored_config == config and stored.get("slides") == identity["slides"]
+
+
 def _start_or_resume(run_dir: Path, config: FitConfig, records: list[SlideRecord]) -> None:
     """Write config.json, or check that the run there computes the same thing."""
     identity = _run_identity(config, records)
     path = run_dir / "config.json"
     if path.exists():
-        if json.loads(path.read_text()) != identity:
+        if not _same_run(json.loads(path.read_text()), config, identity):
             raise RunError(f"{run_dir} holds a run with other settings or slides (see {path}); resume it with the "
                            "same CSV and options, or train into a new folder")
         return
