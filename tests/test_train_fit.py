@@ -184,12 +184,12 @@ def test_multiclass_and_regression_runs(records: list[SlideRecord], tmp_path: Pa
 
 @pytest.fixture(scope="module")
 def cli_run(records: list[SlideRecord], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`nic-fast train` with a 2-block network and no dropout, as small as a run gets."""
+    """`nic-fast train` with a 2-block, 8-filter network and no dropout, as small as a run gets."""
     folder = tmp_path_factory.mktemp("cli")
     table = folder / "slides.csv"
     table.write_text("store,label\n" + "".join(f"{r.store},{r.label:g}\n" for r in records))
     result = CliRunner().invoke(main, [
-        "train", str(table), "-o", str(folder / "run"), "--strides", "1,2", "--dropout", "0", "--folds", "3",
+        "train", str(table), "-o", str(folder / "run"), "--strides", "1,2", "--dropout", "0", "--filters", "8", "--folds", "3",
         "--epochs", "1", "--crop-px", "12", "--crops-per-slide", "2", "--batch-size", "4", "--tta-crops", "1",
         "--loader", "torch", "--workers", "0", "--threads", "1"])
     assert result.exit_code == 0, result.output
@@ -203,6 +203,7 @@ def test_the_cli_builds_the_network_its_strides_and_dropout_describe(cli_run: Pa
     network = TrainedModel.load(cli_run / "rotation_0" / "best.pt").network
     assert [block.depthwise.stride[0] for block in network.features] == [1, 2]
     assert all(block.dropout.p == 0.0 for block in network.features)
+    assert fit["filters"] == 8 and network.features[-1].pointwise.out_channels == network.dense[0].out_features == 8
 
 
 def test_a_run_resumes_only_with_its_own_strides_and_dropout(cli_run: Path, records: list[SlideRecord]) -> None:
@@ -210,7 +211,7 @@ def test_a_run_resumes_only_with_its_own_strides_and_dropout(cli_run: Path, reco
     assert config.strides == (1, 2)
     cross_validate(records, config, cli_run, OPTIONS)  # the tuple matches the JSON list
     for other in (replace(config, strides=(2, 1)), replace(config, strides=PAPER_STRIDES),
-                  replace(config, dropout=0.2)):
+                  replace(config, dropout=0.2), replace(config, filters=16)):
         with pytest.raises(RunError, match="other settings or slides"):
             cross_validate(records, other, cli_run, OPTIONS)
 

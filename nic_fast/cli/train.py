@@ -89,6 +89,8 @@ def _summary(result: CrossValidation, run_dir: Path) -> Table:
 @click.option("--dropout", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Channel dropout after each conv block: the paper's 0.2; try 0 on small grids, where 0.2 kept "
                    "the synthetic MNIST benchmark at chance.")
+@click.option("--filters", default=128, show_default=True, type=click.IntRange(1),
+              help="Filters of every conv block and width of the dense layer (the paper's 128).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same folds, crops and weights.")
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1...")
 @click.option("--loader", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True,
@@ -99,7 +101,8 @@ def _summary(result: CrossValidation, run_dir: Path) -> Table:
               help="PyTorch CPU threads [default: the cores the loader workers leave free].")
 def train(csv_path: Path, run_dir: Path, stores_dir: Path | None, task: Task, crop_px: int, folds: int, epochs: int,
           crops_per_slide: int, batch_size: int, learning_rate: float, tta_crops: int, strides: tuple[int, ...],
-          dropout: float, seed: int, device: str, loader: Backend, workers: int, threads: int | None) -> None:
+          dropout: float, filters: int, seed: int, device: str, loader: Backend, workers: int,
+          threads: int | None) -> None:
     """Cross-validated training on compressed stores listed in CSV (columns store,label[,fold]).
 
     Every slide is predicted by the network of the rotation that held it out; the pooled
@@ -112,7 +115,7 @@ def train(csv_path: Path, run_dir: Path, stores_dir: Path | None, task: Task, cr
         config = FitConfig(task=task, crop_px=crop_px, folds=folds, epochs=epochs, batch_size=batch_size,
                            crops_per_slide=crops_per_slide, learning_rate=learning_rate,
                            min_learning_rate=min(1e-5, learning_rate), tta_crops=tta_crops, seed=seed,
-                           strides=strides, dropout=dropout)
+                           strides=strides, dropout=dropout, filters=filters)
         options = RunOptions(device=device, loader=loader, workers=workers, threads=threads)
         uses_dali = loader == "dali" or (loader == "auto" and dali_available())
         console.print(f"{len(records)} slides, {task}, loader: {'DALI' if uses_dali else 'PyTorch'}")

@@ -75,12 +75,13 @@ class FitConfig:
     seed: int = 0
     strides: tuple[int, ...] = PAPER_STRIDES  # the network's separable blocks (see nic_fast.train.model)
     dropout: float = 0.2
+    filters: int = 128  # filters of every conv block and width of the dense layer (the paper's 128)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strides", checked_strides(self.strides))
         checked_dropout(self.dropout)
-        if self.crop_px < 1 or self.epochs < 1 or self.batch_size < 2 or self.crops_per_slide < 1:
-            raise ValueError("crop_px, epochs and crops_per_slide must be >= 1 and batch_size >= 2 "
+        if self.crop_px < 1 or self.epochs < 1 or self.batch_size < 2 or self.crops_per_slide < 1 or self.filters < 1:
+            raise ValueError("crop_px, epochs, crops_per_slide and filters must be >= 1 and batch_size >= 2 "
                              "(batch normalisation needs two crops)")
         if not 0 < self.min_learning_rate <= self.learning_rate:
             raise ValueError(f"need 0 < min_learning_rate <= learning_rate, got {self.min_learning_rate} and "
@@ -227,7 +228,8 @@ class _RotationTrainer:
         labels = np.array([r.label for r in self.train], dtype=np.float64)
         torch.manual_seed(_derived_seed(config.seed, rotation.index, 0))
         network = NICNet(ModelConfig(in_channels=samplers[records[0].store].code_size,
-                                     outputs=_outputs_count(config.task, records), dropout=config.dropout,
+                                     outputs=_outputs_count(config.task, records), filters=config.filters,
+                                     dense=config.filters, dropout=config.dropout,
                                      strides=config.strides)).to(self.device)
         if config.task == "regression":
             self.model = TrainedModel(network, config.task, float(labels.mean()), float(labels.std()) or 1.0)
