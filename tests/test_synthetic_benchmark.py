@@ -40,14 +40,24 @@ def test_tilted_cells_follow_the_mask(tmp_path):
     np.testing.assert_array_equal(np.argwhere(cells), [[0, 1], [1, 0]])
 
 
-def test_canvas_patches_are_grid_cells_with_adjacent_partners(tmp_path):
-    bench = load_benchmark()
+def canvas(folder, pixels, cell_map=None):
+    """A benchmark Canvas over an image (and cell map) written to ``folder``."""
     from PIL import Image
 
+    bench = load_benchmark()
+    Image.fromarray(pixels.astype(np.uint8)).save(folder / "c.png")
+    if cell_map is not None:
+        Image.fromarray(cell_map.astype(np.uint8)).save(folder / "c_cells.png")
+    return bench.Canvas(folder / "c.png", folder / "c_mask.png", folder / "c_cells.png", 0, 0.0, -1)
+
+
+def test_canvas_patches_are_inked_grid_cells_with_adjacent_partners(tmp_path):
+    bench = load_benchmark()
     pixels = np.arange(36 * 45, dtype=np.uint32).reshape(36, 45) % 251
-    Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "c.png")
-    patches = bench.canvas_patches([tmp_path / "c.png"], per_image=50, seed=0)
+    pixels[:, 18:] = 0  # columns 2-4 of cells are empty: never an anchor, but a partner
+    patches = bench.canvas_patches([canvas(tmp_path, pixels)], per_image=50, seed=0)
     assert patches.images.shape == (50, 9, 9, 1) and patches.mpp is None
+    assert set(patches.cells[:, 1]) == {0, 1}
     for k in range(50):
         i, j = patches.cells[k]
         np.testing.assert_array_equal(patches.images[k, ..., 0], pixels[i * 9 : i * 9 + 9, j * 9 : j * 9 + 9])
@@ -58,12 +68,25 @@ def test_canvas_patches_are_grid_cells_with_adjacent_partners(tmp_path):
         assert offsets, f"patch {k} at {(i, j)} has no adjacent partner"
 
 
+def test_the_oracle_learns_digit_cells_labelled_by_the_cell_map(tmp_path):
+    bench = load_benchmark()
+    from nic_fast.synthetic_mnist import NO_DIGIT
+
+    pixels = np.arange(27 * 36, dtype=np.uint32).reshape(27, 36) % 251
+    cell_map = np.full((3, 4), NO_DIGIT)
+    cell_map[0, 1], cell_map[2, 3], cell_map[1, 0] = 7, 0, 3
+    patches = bench.digit_cells([canvas(tmp_path, pixels, cell_map)])
+    assert patches.labels.tolist() == [7, 3, 0] and patches.class_names == [str(k) for k in range(10)]
+    for k, (i, j) in enumerate([(0, 1), (1, 0), (2, 3)]):
+        np.testing.assert_array_equal(patches.images[k, ..., 0], pixels[i * 9 : i * 9 + 9, j * 9 : j * 9 + 9])
+
+
 def test_tiny_run_end_to_end(tmp_path):
     bench = load_benchmark()
     config = bench.Config("tiny", canvas_px=180, encoder_images=4, patches_per_image=40, train_images=30,
                           val_images=10, test_images=10, encoder_epochs=1, encoder_steps=2, cnn_epochs=1,
-                          crops_per_image=1, cnn_batch=8, tta_crops=1, sweep_methods=("supervised",),
-                          sweep_code_sizes=(8, 16), gradcam_images=2)
+                          cnn_batch=8, cnn_learning_rate=3e-3, cnn_strides=(1, 2), cnn_filters=8, cnn_dropout=0.0,
+                          tta_crops=1, sweep_methods=("supervised",), sweep_code_sizes=(8, 16), gradcam_images=2)
     report = bench.run_benchmark(config, tmp_path / "work", tmp_path / "out", "pytest")
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     runs = {f"{r['method']}-c{r['code_size']}": r for r in results["runs"]}
@@ -76,6 +99,10 @@ def test_tiny_run_end_to_end(tmp_path):
 
     slide = open_store(store)
     assert slide.grid_shape == (20, 20) and slide.code_size == 8 and slide.attrs["mpp"] is None
+    from nic_fast.train.model import TrainedModel
+
+    network = TrainedModel.load(tmp_path / "work" / "cnn" / "supervised-c8" / "best.pt").network
+    assert [block.depthwise.stride[0] for block in network.features] == [1, 2] and network.config.filters == 8
     text = report.read_text()
     assert "| supervised (oracle) | 16 |" in text and "0.612" in text and "Reproduce: `pytest`" in text
     for plot in ("accuracy_per_encoder", "accuracy_vs_size", "code_size_sweep", "gradcam_jaccard"):
