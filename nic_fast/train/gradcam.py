@@ -2,8 +2,8 @@
 
 Grad-CAM (the paper's Eq. 7): with A^k the activations of filter k in a layer and y the
 output, the map is ReLU(Σ_k α_k A^k) with α_k = the spatial mean of ∂y/∂A^k. On the first
-conv layer (stride 2) it has half the grid's resolution, so it can outline a lesion,
-which the deeper layers' coarse maps cannot. The network takes a grid of any size, so
+conv block it has the grid's resolution divided by that block's stride (half of it in the
+paper's network), so it can outline a lesion, which the deeper layers' coarse maps cannot. The network takes a grid of any size, so
 the whole slide is one forward pass; the map is averaged over the 8 dihedral transforms
 as the predictions are.
 
