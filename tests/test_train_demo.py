@@ -89,3 +89,15 @@ def test_heatmap_refuses_a_class_the_networks_do_not_have(demo: tuple[Path, str]
     result = CliRunner().invoke(main, ["heatmap", str(out / "run"), str(store), "--class", "1",
                                        "-o", str(tmp_path / "h.png")])
     assert result.exit_code != 0 and "have 1 output(s), classes 0..0" in result.output
+
+
+def test_heatmap_smoothing_is_an_option_of_the_post_processing(demo: tuple[Path, str], tmp_path: Path) -> None:
+    out, _ = demo
+    store = out / "compressed" / "slide_000.zarr"
+    mask = out / "slides" / "slide_000_mask.png"
+    args = ["heatmap", str(out / "run"), str(store), "--mask", str(mask)]
+    result = CliRunner().invoke(main, [*args, "--smooth-cells", "1.5", "-o", str(tmp_path / "h.png")])
+    assert result.exit_code == 0, result.output
+    assert 0.0 <= json.loads((tmp_path / "h.json").read_text())["jaccard"] <= 1.0
+    refused = CliRunner().invoke(main, [*args, "--smooth-cells", "-1", "-o", str(tmp_path / "r.png")])
+    assert refused.exit_code == 2 and "--smooth-cells" in refused.output

@@ -79,6 +79,22 @@ def test_lesion_cells_keep_tissue_at_half_the_peak() -> None:
     assert not lesion_cells(np.zeros((2, 3)), tissue).any()
 
 
+def test_smoothing_turns_sparse_evidence_into_its_region() -> None:
+    region = np.zeros((40, 40), bool)
+    region[10:30, 10:30] = True
+    heatmap = np.zeros((40, 40))
+    rng = np.random.default_rng(0)
+    dots = rng.random((40, 40)) < 0.16  # one hot cell per "digit", as a first-layer map gives
+    heatmap[dots & region] = 1.0
+    tissue = np.ones((40, 40), bool)
+    raw = jaccard(lesion_cells(heatmap, tissue), region)
+    smoothed = jaccard(lesion_cells(heatmap, tissue, smooth_cells=3.0), region)
+    assert raw < 0.2 and smoothed > 0.6
+    np.testing.assert_array_equal(lesion_cells(heatmap, tissue, smooth_cells=0.0), lesion_cells(heatmap, tissue))
+    with pytest.raises(ValueError, match="smooth_cells"):
+        lesion_cells(heatmap, tissue, smooth_cells=-1.0)
+
+
 def test_jaccard() -> None:
     a = np.array([1, 1, 0, 0], bool)
     assert jaccard(a, np.array([0, 1, 1, 0], bool)) == pytest.approx(1 / 3)

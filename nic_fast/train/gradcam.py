@@ -7,9 +7,12 @@ paper's network), so it can outline a lesion, which the deeper layers' coarse ma
 the whole slide is one forward pass; the map is averaged over the 8 dihedral transforms
 as the predictions are.
 
-For scoring against a ground-truth mask the map is post-processed: kept on tissue,
-scaled to its maximum and thresholded at half of it, then compared cell by cell with
-the mask resampled to the grid (Jaccard index).
+For scoring against a ground-truth mask the map is post-processed: optionally smoothed
+(a Gaussian of ``smooth_cells``), kept on tissue, scaled to its maximum and thresholded at
+half of it, then compared cell by cell with the mask resampled to the grid (Jaccard
+index). Smoothing matters where the evidence is sparse inside the region: a first-layer
+map lights the cells of single digits on the synthetic canvases (16 % of a rectangle's
+cells), and a Gaussian of about the digits' spacing turns them into the rectangle.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from PIL import Image
+from scipy.ndimage import gaussian_filter
 
 from nic_fast.grid import DIHEDRAL, dihedral
 from nic_fast.store import CompressedSlide
@@ -76,8 +80,14 @@ def slide_heatmap(models: list[TrainedModel], slide: CompressedSlide, *, target:
     return total / (len(DIHEDRAL) * len(models))
 
 
-def lesion_cells(heatmap: np.ndarray, tissue: np.ndarray, threshold: float = HEATMAP_THRESHOLD) -> np.ndarray:
-    """Post-processed heatmap: tissue cells at or above ``threshold`` × the maximum on tissue."""
+def lesion_cells(heatmap: np.ndarray, tissue: np.ndarray, threshold: float = HEATMAP_THRESHOLD, *,
+                 smooth_cells: float = 0.0) -> np.ndarray:
+    """Post-processed heatmap: tissue cells at or above ``threshold`` × the maximum on tissue,
+    after a Gaussian blur of standard deviation ``smooth_cells`` grid cells (0: none)."""
+    if smooth_cells < 0:
+        raise ValueError(f"smooth_cells must be >= 0, got {smooth_cells}")
+    if smooth_cells > 0:
+        heatmap = gaussian_filter(np.asarray(heatmap, np.float32), smooth_cells, mode="constant")
     on_tissue = np.where(tissue, heatmap, 0.0)
     peak = float(on_tissue.max(initial=0.0))
     if peak <= 0:
