@@ -489,7 +489,9 @@ def write_report(runs: list[EncoderRun], config: Config, out: Path, wall_s: floa
         f"{config.encoder_steps or 'all'} steps; NIC CNN of {len(config.cnn_strides)} separable blocks (strides "
         f"{', '.join(map(str, config.cnn_strides))}), {config.cnn_filters} filters, dropout {config.cnn_dropout:g}, "
         f"Adam from LR {config.cnn_learning_rate:g}, up to {config.cnn_epochs} epochs of whole-canvas crops (random "
-        f"offset and dihedral transform), test prediction over the 8 dihedral transforms.",
+        f"offset and dihedral transform), test prediction over the 8 dihedral transforms; Grad-CAM of the true "
+        f"class on the first block, smoothed by a Gaussian of σ = {GRADCAM_SMOOTH_CELLS:g} cells and thresholded at "
+        f"half its maximum, against the tilted rectangle's cells on {config.gradcam_images} test canvases.",
         "",
         "## Test accuracy (chance: 0.100)",
         "",
