@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 NIC     := $(VENV)/bin/nic-fast
 DEMO    ?= demo-out
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench bench-synthetic clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,11 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/compress_cpu.py
+
+# The paper's synthetic MNIST benchmark, quick configuration (about 25 minutes on 2 CPU
+# cores): results.md and plots in benchmarks/results/synthetic-quick/.
+bench-synthetic: install
+	$(PY) benchmarks/synthetic.py --config quick
 
 clean:
 	rm -rf build $(DEMO) .pytest_cache
