@@ -19,6 +19,8 @@ pytestmark = pytest.mark.skipif(not DEFAULT_DIGITS.is_file(), reason="needs ../s
 
 
 def load_benchmark():
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling module machine.py, as when run as a script
     spec = importlib.util.spec_from_file_location("synthetic_benchmark", ROOT / "benchmarks" / "synthetic.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve their module by name
@@ -105,5 +107,6 @@ def test_tiny_run_end_to_end(tmp_path):
     assert [block.depthwise.stride[0] for block in network.features] == [1, 2] and network.config.filters == 8
     text = report.read_text()
     assert "| supervised (oracle) | 16 |" in text and "0.612" in text and "Reproduce: `pytest`" in text
+    assert "device cpu" in text and json.loads((tmp_path / "out" / "results.json").read_text())["machine"]
     for plot in ("accuracy_per_encoder", "accuracy_vs_size", "code_size_sweep", "gradcam_jaccard"):
         assert (tmp_path / "out" / f"{plot}.png").stat().st_size > 1000
