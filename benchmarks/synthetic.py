@@ -91,12 +91,11 @@ class Config:
     seed: int = 0
 
 
-# quick: 540-px canvases (60² cells) are the smallest on which a rectangle holds enough
-# digits to be told apart from the background's (at 270 px a CNN on perfect per-cell
-# digit maps stayed near chance); a 3-block, 64-filter CNN without dropout, because the
-# paper's 8-block network with 20 % dropout did not leave chance within the epochs 2 CPU
-# cores allow (see nic_fast.train.model). Both measured with benchmarks' probe runs
-# described in results.md.
+# quick: 540-px canvases (60² cells), where a rectangle of 1 % of the canvas holds about
+# 6 digits (at 270 px, 1 or 2) and compression and the CNN still fit 2 CPU cores; a
+# 3-block, 64-filter CNN without dropout, because the paper's 8-block network with 20 %
+# dropout did not leave chance within the epochs 2 CPU cores allow (see
+# nic_fast.train.model and the reasons results.md lists).
 CONFIGS = {
     "paper": Config("paper", canvas_px=3600, encoder_images=2500, patches_per_image=40, train_images=16875,
                     val_images=5625, test_images=25000, encoder_epochs=50, encoder_steps=None, cnn_epochs=100,
