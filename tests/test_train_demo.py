@@ -91,7 +91,7 @@ def test_heatmap_refuses_a_class_the_networks_do_not_have(demo: tuple[Path, str]
     assert result.exit_code != 0 and "have 1 output(s), classes 0..0" in result.output
 
 
-def test_heatmap_smoothing_is_an_option_of_the_post_processing(demo: tuple[Path, str], tmp_path: Path) -> None:
+def test_heatmap_post_processing_options(demo: tuple[Path, str], tmp_path: Path) -> None:
     out, _ = demo
     store = out / "compressed" / "slide_000.zarr"
     mask = out / "slides" / "slide_000_mask.png"
@@ -99,5 +99,12 @@ def test_heatmap_smoothing_is_an_option_of_the_post_processing(demo: tuple[Path,
     result = CliRunner().invoke(main, [*args, "--smooth-cells", "1.5", "-o", str(tmp_path / "h.png")])
     assert result.exit_code == 0, result.output
     assert 0.0 <= json.loads((tmp_path / "h.json").read_text())["jaccard"] <= 1.0
+    # synth's lesion masks hold 255: naming that value scores exactly as "any non-zero" does
+    for name, extra in (("any", []), ("valued", ["--mask-value", "255"]), ("other", ["--mask-value", "1"])):
+        result = CliRunner().invoke(main, [*args, *extra, "-o", str(tmp_path / f"{name}.png")])
+        assert result.exit_code == 0, result.output
+    scores = {name: json.loads((tmp_path / f"{name}.json").read_text())["jaccard"]
+              for name in ("any", "valued", "other")}
+    assert scores["valued"] == scores["any"] and scores["other"] == 0.0
     refused = CliRunner().invoke(main, [*args, "--smooth-cells", "-1", "-o", str(tmp_path / "r.png")])
     assert refused.exit_code == 2 and "--smooth-cells" in refused.output

@@ -149,3 +149,18 @@ def test_masks_of_plain_image_stores_use_pixel_units(tmp_path: Path) -> None:
     expected = np.zeros((4, 4), bool)
     expected[1, 3] = True
     np.testing.assert_array_equal(mask_to_grid(_mask_png(tmp_path / "m.png", mask, 1), slide), expected)
+
+
+def test_a_mask_value_picks_one_region_of_a_labelled_mask(tmp_path: Path) -> None:
+    slide = open_store(write_store(tmp_path / "s.zarr", np.zeros((1, 4, 4, 1), np.float16), np.ones((4, 4), bool),
+                                   stride_px=9, mpp=None, scanned_mpp=None, thumbnail_downsample=9 / 8))
+    mask = np.zeros((36, 36), np.uint8)
+    mask[0:9, 0:9] = 1  # cell (0, 0): the tilted rectangle
+    mask[27:36, 27:36] = 2  # cell (3, 3): the distractor
+    path = tmp_path / "m.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("downsample", "1")
+    Image.fromarray(mask).save(path, pnginfo=info)
+    np.testing.assert_array_equal(np.argwhere(mask_to_grid(path, slide)), [[0, 0], [3, 3]])
+    np.testing.assert_array_equal(np.argwhere(mask_to_grid(path, slide, lesion_value=1)), [[0, 0]])
+    np.testing.assert_array_equal(np.argwhere(mask_to_grid(path, slide, lesion_value=2)), [[3, 3]])

@@ -22,14 +22,17 @@ from nic_fast.train.sampler import StoreSampler
 @click.option("--mask", "mask_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Ground-truth lesion mask image (non-zero = lesion), e.g. synth's <slide>_mask.png: "
                    "reports the Jaccard index of the post-processed heatmap.")
+@click.option("--mask-value", "lesion_value", default=None, type=click.IntRange(1, 255),
+              help="Only this mask value is lesion [default: any non-zero], e.g. 1 for the tilted rectangle of "
+                   "synth mnist-rectangles masks (2 is the distractor).")
 @click.option("--class", "target", default=None, type=click.IntRange(0),
               help="Class to explain (multi-class runs) [default: the predicted class].")
 @click.option("--smooth-cells", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="Gaussian blur (standard deviation, grid cells) before the post-processing threshold; "
                    "helps where the evidence is sparse cells inside the region (the synthetic digit canvases).")
 @click.option("--device", default="cpu", show_default=True)
-def heatmap(run_dir: Path, store: Path, out_png: Path, mask_path: Path | None, target: int | None,
-            smooth_cells: float, device: str) -> None:
+def heatmap(run_dir: Path, store: Path, out_png: Path, mask_path: Path | None, lesion_value: int | None,
+            target: int | None, smooth_cells: float, device: str) -> None:
     """Grad-CAM on the first conv layer over STORE's whole grid, upsampled onto its thumbnail.
 
     Writes OUT.png (heatmap over the thumbnail; white outline: post-processed heatmap,
@@ -50,7 +53,7 @@ def heatmap(run_dir: Path, store: Path, out_png: Path, mask_path: Path | None, t
                                        f"classes 0..{outputs - 1}")
         raw = slide_heatmap(models, slide, target=target, device=device)
         predicted = lesion_cells(raw, slide.tissue, smooth_cells=smooth_cells)
-        truth = mask_to_grid(mask_path, slide) if mask_path else None
+        truth = mask_to_grid(mask_path, slide, lesion_value) if mask_path else None
     except (RunError, StoreError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     score = jaccard(predicted, truth) if truth is not None else None

@@ -1,11 +1,11 @@
 """Where a trained network finds its evidence: Grad-CAM on the first conv layer over the whole grid.
 
 Grad-CAM (the paper's Eq. 7): with A^k the activations of filter k in a layer and y the
-output, the map is ReLU(Σ_k α_k A^k) with α_k = the spatial mean of ∂y/∂A^k. On the first
-conv block it has the grid's resolution divided by that block's stride (half of it in the
-paper's network), so it can outline a lesion, which the deeper layers' coarse maps cannot. The network takes a grid of any size, so
-the whole slide is one forward pass; the map is averaged over the 8 dihedral transforms
-as the predictions are.
+output, the map is ReLU(Σ_k α_k A^k) with α_k = the spatial mean of ∂y/∂A^k. On the
+first conv block it has the grid's resolution divided by that block's stride (half of it
+in the paper's network), so it can outline a lesion, which the deeper layers' coarse
+maps cannot. The network takes a grid of any size, so the whole slide is one forward
+pass; the map is averaged over the 8 dihedral transforms as the predictions are.
 
 For scoring against a ground-truth mask the map is post-processed: optionally smoothed
 (a Gaussian of ``smooth_cells``), kept on tissue, scaled to its maximum and thresholded at
@@ -113,8 +113,11 @@ def level0_px_per_cell(slide: CompressedSlide) -> float:
     return attrs["stride_px"] * attrs.get("downsample", 1)
 
 
-def mask_to_grid(mask_path: str | Path, slide: CompressedSlide) -> np.ndarray:
-    """A ground-truth mask image (non-zero = lesion) as a bool (H', W') grid: cells at least half lesion.
+def mask_to_grid(mask_path: str | Path, slide: CompressedSlide, lesion_value: int | None = None) -> np.ndarray:
+    """A ground-truth mask image as a bool (H', W') grid: cells at least half lesion.
+
+    Lesion is every non-zero mask value, or only ``lesion_value`` when given (the MNIST
+    canvases' masks hold 1 for the tilted rectangle and 2 for the distractor).
 
     The mask's scale is its PNG ``downsample`` text (level-0 px per mask px, as
     ``nic-fast synth`` writes it) or else that of a mask covering the slide's thumbnail.
@@ -133,7 +136,7 @@ def mask_to_grid(mask_path: str | Path, slide: CompressedSlide) -> np.ndarray:
         raise ValueError(f"{mask_path} ({mask.width}x{mask.height} px at downsample {downsample:g}) does not cover "
                          f"{slide.path}'s grid ({width}x{height} cells of {cell_px:g} mask px): give the mask of this "
                          "slide, or add its level-0 downsample as PNG text 'downsample'")
-    binary = mask.point(lambda v: 255 if v else 0)
+    binary = mask.point(lambda v: 255 if (v if lesion_value is None else v == lesion_value) else 0)
     fraction = binary.resize((width, height), resample=Image.Resampling.BOX,
                              box=(0.0, 0.0, width * cell_px, height * cell_px))
     return np.asarray(fraction) >= 128
