@@ -42,7 +42,7 @@ from nic_fast.store import open_store
 from nic_fast.synthetic_mnist import DEFAULT_DIGITS, GRID_PX, NO_DIGIT, TILTED, load_digits, write_mnist_rectangles
 from nic_fast.train.data import SlideRecord, rotations
 from nic_fast.train.fit import FitConfig, RunOptions, read_predictions, train_rotation
-from nic_fast.train.gradcam import jaccard, lesion_cells, slide_heatmap
+from nic_fast.train.gradcam import jaccard, lesion_cells, mask_to_grid, slide_heatmap
 from nic_fast.train.model import PAPER_STRIDES, TrainedModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -315,13 +315,6 @@ def accuracy_by_size(run: EncoderRun, canvases: list[Canvas], predicted: dict[st
                                  for b in range(len(SIZE_BINS) - 1))
 
 
-def tilted_cells(mask_path: Path, grid_shape: tuple[int, int], stride_px: int) -> np.ndarray:
-    """Grid cells at least half inside the tilted rectangle (mask value 1), in pixel units."""
-    rows, cols = grid_shape
-    mask = np.asarray(Image.open(mask_path))[: rows * stride_px, : cols * stride_px] == TILTED
-    return mask.reshape(rows, stride_px, cols, stride_px).mean(axis=(1, 3)) >= 0.5
-
-
 def gradcam_jaccard(run: EncoderRun, canvases: list[Canvas], stores: Path, workdir: Path, n_images: int,
                     device: str) -> None:
     """Mean Jaccard of the post-processed Grad-CAM (true class, smoothed by
@@ -331,7 +324,7 @@ def gradcam_jaccard(run: EncoderRun, canvases: list[Canvas], stores: Path, workd
     for canvas in [c for c in canvases if c.fold == TEST_FOLD][:n_images]:
         store = open_store(stores / f"{canvas.image.stem}.zarr")
         heatmap = slide_heatmap([model], store, target=canvas.label, device=device)
-        truth = tilted_cells(canvas.mask, store.grid_shape, store.attrs["stride_px"])
+        truth = mask_to_grid(canvas.mask, store, TILTED)
         scores.append(jaccard(lesion_cells(heatmap, store.tissue, smooth_cells=GRADCAM_SMOOTH_CELLS), truth))
     run.gradcam_jaccard = float(np.mean(scores))
 

@@ -29,16 +29,23 @@ def load_benchmark():
 
 
 def test_tilted_cells_follow_the_mask(tmp_path):
-    bench = load_benchmark()
+    """The benchmark scores Grad-CAM against mask_to_grid(..., TILTED) on a plain-image store."""
+    from PIL import Image
+    from test_train_stores import write_store
+
+    from nic_fast.store import open_store
+    from nic_fast.synthetic_mnist import TILTED
+    from nic_fast.train.gradcam import mask_to_grid
+
     mask = np.zeros((27, 36), np.uint8)
     mask[0:9, 9:18] = 1  # cell (0, 1) wholly tilted
     mask[9:14, 0:9] = 1  # cell (1, 0) 5/9 tilted: kept
     mask[18:22, 0:9] = 1  # cell (2, 0) 4/9 tilted: dropped
     mask[18:27, 27:36] = 2  # the other rectangle never counts
-    from PIL import Image
-
     Image.fromarray(mask).save(tmp_path / "m.png")
-    cells = bench.tilted_cells(tmp_path / "m.png", (3, 4), 9)
+    slide = open_store(write_store(tmp_path / "s.zarr", np.zeros((1, 3, 4, 1), np.float16), np.ones((3, 4), bool),
+                                   stride_px=9, mpp=None, scanned_mpp=None, thumbnail_downsample=9 / 8))
+    cells = mask_to_grid(tmp_path / "m.png", slide, TILTED)
     np.testing.assert_array_equal(np.argwhere(cells), [[0, 1], [1, 0]])
 
 
