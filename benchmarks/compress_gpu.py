@@ -78,7 +78,7 @@ def run_cli(args: list[str], out: Path) -> tuple[dict[str, Any], float]:
 def region_plans(store_path: Path) -> tuple[list[Any], int]:
     """The pipeline's region reads for a compressed slide: (plans, tissue cells)."""
     from nic_fast import open_store
-    from nic_fast.compress import RegionPlan
+    from nic_fast.engine.base import RegionPlan
     from nic_fast.grid import GridGeometry
 
     store = open_store(store_path)
@@ -116,7 +116,7 @@ def decode_cpu(slide: Path, level: int, plans: list[Any], threads: int) -> float
 
 def decode_gpu(slide: Path, level: int, plans: list[Any]) -> float:
     """Seconds for cuCIM's GPU decode to read every region (as the pipeline's GPU decoder)."""
-    from nic_fast.pipeline_cuda import GPU_DECODE_THREADS, GpuDecoder
+    from nic_fast.engine.cuda import GPU_DECODE_THREADS, GpuDecoder
     from nic_fast.slides import open_slide
 
     with open_slide(slide, backend="cucim") as reader:

@@ -1,18 +1,11 @@
-"""`compress`: slides in, one Zarr store per slide out, as a pipeline.
+"""One slide through an engine: open it, pick the level, find tissue, stream, publish.
 
 Per slide: open a reader, pick the pyramid level by µm/px, find tissue on a thumbnail,
-then stream the tissue tiles through an engine:
-
-* on the CPU (:class:`CpuEngine`): reader threads (large grid-aligned region reads,
-  own handle each, bounded look-ahead) → patchify kernel (downsample, dihedral,
-  normalise) straight into the encoder batch → encoder → scatter kernel into the tile
-  → writer thread (one Zarr chunk per tile);
-* on a GPU (:class:`nic_fast.pipeline_cuda.CudaEngine`): the same stages, device-resident
-  from the region upload to the finished tile.
-
-Reading the next regions overlaps encoding the current batch and memory stays flat
-whatever the slide size. Every failure is confined to its slide (or, for an unreadable
-region, to its cells, which the store marks not ``valid``).
+then stream the tissue tiles through an engine (:mod:`nic_fast.engine.cpu` on the host,
+:mod:`nic_fast.engine.cuda` device-resident on a GPU) into a store that is published
+only when complete. Every failure is confined to its slide (or, for an unreadable
+region, to its cells, which the store marks not ``valid``). Many slides, claims,
+records and worker processes are :mod:`nic_fast.batch`'s business.
 
 Plain images (``mpp=None``, the CLI's ``--mpp none``) are read in pixel units through
 the image backend: level 0, no resampling, no µm/px checks, the store's µm/px attributes
@@ -28,27 +21,25 @@ import hashlib
 import json
 import logging
 import os
-import queue
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
 from nic_fast import __version__, kernels
 from nic_fast.encoders import Encoder, load_encoder
+from nic_fast.engine.base import Engine, EngineConfig, ProgressFn, SlideJob, Timings
+from nic_fast.engine.cpu import CpuEngine
 from nic_fast.grid import DIHEDRAL, GridGeometry, Tile
 from nic_fast.slides import SlideError, SlideReader, choose_level, load_mpp_csv, open_slide, resolve_slide_mpp
 from nic_fast.store import StoreWriter, is_complete, store_path
 from nic_fast.tissue import TissueMap, detect_tissue
 
-__all__ = ["CompressOptions", "Compressor", "CpuEngine", "SlideResult", "available_cpus", "write_summary"]
+__all__ = ["CompressOptions", "Compressor", "SlideResult", "available_cpus", "write_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +96,6 @@ class SlideResult:
     attempts: int = 1  # > 1 when a dead worker's slide was retried
 
 
-ProgressFn = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -126,341 +116,6 @@ def _header_sha256(path: Path, n_bytes: int = 1 << 20) -> str:
     """Hash of the file's first MiB: identifies the slide without reading gigabytes."""
     with open(path, "rb") as f:
         return hashlib.sha256(f.read(n_bytes)).hexdigest()
-
-
-# -- what every engine shares ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RegionPlan:
-    """One tile's read: the level-pixel bounding box of its tissue cells and where each
-    cell lies in it (grid cells are grid-aligned, so one read serves them all)."""
-
-    tile: Tile
-    local_cells: np.ndarray  # int32 (n, 2): cells' (i, j) within the tile
-    level_px: np.ndarray  # int32 (n, 2): cells' top-left pixel within the region
-    y0: int  # region origin and size in level pixels
-    x0: int
-    height: int
-    width: int
-
-    @classmethod
-    def of(cls, grid: GridGeometry, tile: Tile, cells: np.ndarray) -> RegionPlan:
-        """Plan for the (n, 2) global tissue ``cells`` of ``tile`` (n >= 1)."""
-        i_min, j_min = cells.min(axis=0)
-        i_max, j_max = cells.max(axis=0)
-        y0, x0 = grid.level_origin(int(i_min), int(j_min))
-        height = int(i_max - i_min) * grid.level_stride_px + grid.level_patch_px
-        width = int(j_max - j_min) * grid.level_stride_px + grid.level_patch_px
-        level_px = np.ascontiguousarray((cells - (i_min, j_min)) * grid.level_stride_px, dtype=np.int32)
-        local_cells = np.ascontiguousarray(cells - (tile.i0, tile.j0), dtype=np.int32)
-        return cls(tile, local_cells, level_px, int(y0), int(x0), height, width)
-
-    @property
-    def n_cells(self) -> int:
-        return len(self.local_cells)
-
-
-def max_region_px(grid: GridGeometry, tile_cells: int) -> tuple[int, int]:
-    """The largest (height, width) a tile's region can have: sizes staging buffers."""
-    cells_h, cells_w = min(tile_cells, grid.height), min(tile_cells, grid.width)
-    return ((max(cells_h, 1) - 1) * grid.level_stride_px + grid.level_patch_px,
-            (max(cells_w, 1) - 1) * grid.level_stride_px + grid.level_patch_px)
-
-
-@dataclass
-class WriteJob:
-    """A finished tile for the writer thread. ``ready`` blocks until its host arrays hold
-    the data (a device-to-host copy); ``release`` hands its buffers back afterwards."""
-
-    tile: Tile
-    embeddings: np.ndarray  # float16 (A, h, w, C)
-    valid: np.ndarray  # bool (h, w)
-    ready: Callable[[], None] | None = None
-    release: Callable[[], None] | None = None
-
-
-class TileWriter:
-    """Writes finished tiles on its own thread, so Zarr compression overlaps encoding."""
-
-    def __init__(self, store: StoreWriter, max_pending: int) -> None:
-        self.store = store
-        self.queue: queue.Queue[WriteJob | None] = queue.Queue(maxsize=max_pending)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="nic-fast-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while (job := self.queue.get()) is not None:
-            try:
-                if self.error is None:
-                    if job.ready is not None:
-                        job.ready()
-                    t = job.tile
-                    self.store.write_tile(t.row, t.col, t.i0, t.j0, job.embeddings, job.valid)
-            except BaseException as exc:  # reported by close(); keeps draining so producers never block
-                self.error = exc
-            finally:
-                if job.release is not None:
-                    job.release()
-
-    def put(self, job: WriteJob) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put(job)
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-
-class ReaderHandles:
-    """One slide handle per reader thread (a handle is not thread-safe), all closed at the end."""
-
-    def __init__(self, reader: SlideReader) -> None:
-        self.reader = reader
-        self._local = threading.local()
-        self._handles: list[SlideReader] = []
-        self._lock = threading.Lock()
-
-    def get(self) -> SlideReader:
-        if not hasattr(self._local, "reader"):
-            self._local.reader = self.reader.reopen()
-            with self._lock:
-                self._handles.append(self._local.reader)
-        return self._local.reader
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.close()
-
-
-@dataclass
-class Timings:
-    """Seconds per stage of one slide; the waits say which stage bound the run."""
-
-    read_wait_s: float = 0.0  # the pipeline waited for decoded regions (decode-bound)
-    patchify_s: float = 0.0
-    encode_s: float = 0.0
-    thumbnail_s: float = 0.0
-    total_s: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
-
-    def as_attrs(self) -> dict[str, float]:
-        fields = {k: v for k, v in asdict(self).items() if k != "extra"}
-        return {k: round(v, 4) for k, v in {**fields, **self.extra}.items()}
-
-
-@dataclass
-class SlideJob:
-    """Everything an engine needs to stream one slide's unfinished tiles into its store."""
-
-    reader: SlideReader
-    level: int
-    grid: GridGeometry
-    store: StoreWriter
-    tiles: list[tuple[Tile, np.ndarray]]  # unfinished tiles with their global tissue cells
-    timings: Timings
-    progress: ProgressFn | None
-
-
-@dataclass
-class StreamResult:
-    invalid_cells: int  # cells whose region could not be read
-    attrs: dict[str, Any] = field(default_factory=dict)  # what the engine adds to the store's attributes
-
-
-class Engine(Protocol):
-    """Streams a slide's tiles through read → patchify → encode → scatter → write."""
-
-    def stream(self, job: SlideJob) -> StreamResult: ...
-
-
-def background_tile(compressor: Compressor, tile: Tile) -> np.ndarray:
-    """A tile's host embeddings, every cell holding the background embedding."""
-    h, w = tile.shape
-    embeddings = np.empty((len(compressor.variants), h, w, compressor.encoder.spec.code_size), np.float16)
-    embeddings[...] = compressor.background
-    return embeddings
-
-
-def fail_if_unreadable(reader: SlideReader, failed_regions: list[str], read_regions: int) -> None:
-    """A slide whose every region failed is a failed slide; otherwise log a few reasons."""
-    if failed_regions and len(failed_regions) == read_regions:
-        raise SlideError(f"{reader.path}: no region could be read ({failed_regions[0]})")
-    for reason in failed_regions[:3]:
-        log.warning("%s: region read failed, cells marked invalid: %s", reader.path, reason)
-
-
-# -- the CPU engine -------------------------------------------------------------------------
-
-
-@dataclass
-class _TileWork:
-    """One tile in flight on the CPU: its grid block, filled as batches come back."""
-
-    tile: Tile
-    embeddings: np.ndarray  # float16 (A, h, w, C), background pre-filled
-    valid: np.ndarray  # bool (h, w)
-    pending: int = 0  # patch encodings not yet scattered
-
-
-@dataclass
-class _Region:
-    work: _TileWork
-    plan: RegionPlan
-    pixels: np.ndarray | None  # uint8 (h, w, 3), None when the read failed
-    error: str = ""
-
-
-class _Batcher:
-    """Fills encoder batches with patches from many regions and scatters the embeddings
-    back into their tiles.
-
-    Two batch buffers: a full batch is encoded on its own thread while the next one is
-    patchified, so the encoder never waits for the kernel. Scattering and tile hand-off
-    stay on the caller's thread, which owns the tiles."""
-
-    def __init__(self, compressor: Compressor, on_tile_done: Callable[[_TileWork], None], timings: Timings,
-                 progress: ProgressFn | None) -> None:
-        self.c = compressor
-        self.on_tile_done = on_tile_done
-        self.timings = timings
-        self.progress = progress
-        self.buffers = (compressor.new_batch(), compressor.new_batch())
-        self.current = 0
-        self.filled = 0
-        self.parts: list[tuple[_TileWork, int, np.ndarray, int, int]] = []  # work, variant, cells, start, count
-        self.encoder = ThreadPoolExecutor(1, thread_name_prefix="nic-fast-encode")
-        self.in_flight: tuple[Future[tuple[np.ndarray, float]], list, int] | None = None
-
-    @property
-    def batch(self) -> torch.Tensor:
-        return self.buffers[self.current]
-
-    def add(self, region: _Region, variants: Iterable[int]) -> None:
-        assert region.pixels is not None
-        plan = region.plan
-        for variant in variants:
-            start = 0
-            while start < plan.n_cells:
-                count = min(plan.n_cells - start, len(self.batch) - self.filled)
-                t0 = time.perf_counter()
-                kernels.patchify(region.pixels, plan.level_px[start : start + count],
-                                 self.batch[self.filled : self.filled + count], scale=self.c.scale,
-                                 offset=self.c.offset, downsample=self.c.downsample, dihedral=variant)
-                self.timings.patchify_s += time.perf_counter() - t0
-                self.parts.append((region.work, variant, plan.local_cells[start : start + count], self.filled, count))
-                self.filled += count
-                start += count
-                if self.filled == len(self.batch):
-                    self.flush()
-
-    def flush(self) -> None:
-        """Send the current batch to the encoder thread and switch to the other buffer
-        (after collecting the batch that was using it)."""
-        if self.filled == 0:
-            return
-        self._collect()
-        self.in_flight = (self.encoder.submit(self._encode, self.batch[: self.filled]), self.parts, self.filled)
-        self.current ^= 1
-        self.parts, self.filled = [], 0
-
-    def finish(self) -> None:
-        """Encode what is left and scatter everything."""
-        self.flush()
-        self._collect()
-
-    def close(self) -> None:
-        self.encoder.shutdown(wait=True, cancel_futures=True)
-
-    def _encode(self, patches: torch.Tensor) -> tuple[np.ndarray, float]:
-        t0 = time.perf_counter()
-        return self.c.encode(patches), time.perf_counter() - t0
-
-    def _collect(self) -> None:
-        if self.in_flight is None:
-            return
-        future, parts, filled = self.in_flight
-        self.in_flight = None
-        embeddings, seconds = future.result()
-        self.timings.encode_s += seconds
-        for work, variant, cells, start, count in parts:
-            kernels.scatter(embeddings[start : start + count], cells, work.embeddings[variant])
-            work.pending -= count
-            if work.pending == 0:
-                self.on_tile_done(work)
-        if self.progress:
-            self.progress(filled)
-
-
-class CpuEngine:
-    """The CPU pipeline: reader threads, the OpenMP kernels and the encoder on the host."""
-
-    def __init__(self, compressor: Compressor) -> None:
-        self.c = compressor
-
-    def stream(self, job: SlideJob) -> StreamResult:
-        workers = self.c.workers
-        writer = TileWriter(job.store, max_pending=2 * workers + 2)
-
-        def write(work: _TileWork) -> None:
-            writer.put(WriteJob(work.tile, work.embeddings, work.valid))
-
-        batcher = _Batcher(self.c, write, job.timings, job.progress)
-        handles = ReaderHandles(job.reader)
-
-        def read(work: _TileWork, plan: RegionPlan) -> _Region:
-            try:
-                pixels = handles.get().read_region(job.level, plan.y0, plan.x0, plan.height, plan.width)
-            except Exception as exc:  # noqa: BLE001 - a decode error costs these cells, not the slide
-                return _Region(work, plan, None, f"{type(exc).__name__}: {exc}")
-            return _Region(work, plan, np.ascontiguousarray(pixels))
-
-        invalid = 0
-        failed_regions: list[str] = []
-        read_regions = 0
-        try:
-            with ThreadPoolExecutor(workers, thread_name_prefix="nic-fast-read") as pool:
-                in_flight: deque[Future[_Region]] = deque()
-                for tile, cells in job.tiles:
-                    h, w = tile.shape
-                    work = _TileWork(tile, background_tile(self.c, tile), np.ones((h, w), bool),
-                                     pending=len(cells) * len(self.c.variants))
-                    if len(cells) == 0:
-                        write(work)
-                        continue
-                    in_flight.append(pool.submit(read, work, RegionPlan.of(job.grid, tile, cells)))
-                    if len(in_flight) >= 2 * workers:
-                        invalid += self._consume(in_flight.popleft(), batcher, job.timings, failed_regions)
-                        read_regions += 1
-                while in_flight:
-                    invalid += self._consume(in_flight.popleft(), batcher, job.timings, failed_regions)
-                    read_regions += 1
-            batcher.finish()
-        finally:
-            batcher.close()
-            writer.close()
-            handles.close()
-        fail_if_unreadable(job.reader, failed_regions, read_regions)
-        return StreamResult(invalid, {"precision": {"dtype": str(self.c.dtype).removeprefix("torch.")}})
-
-    def _consume(self, future: Future[_Region], batcher: _Batcher, timings: Timings, failed: list[str]) -> int:
-        t0 = time.perf_counter()
-        region = future.result()
-        timings.read_wait_s += time.perf_counter() - t0
-        if region.pixels is None:
-            failed.append(region.error)
-            work, cells = region.work, region.plan.local_cells
-            work.valid[cells[:, 0], cells[:, 1]] = False
-            work.pending -= len(cells) * len(self.c.variants)
-            if work.pending == 0:
-                batcher.on_tile_done(work)
-            return len(cells)
-        batcher.add(region, self.c.variants)
-        return 0
 
 
 # -- the compressor --------------------------------------------------------------------------
@@ -508,8 +163,12 @@ class Compressor:
         self.variants = DIHEDRAL if options.augment else (0,)
         default_workers = available_cpus() if self.device.type == "cuda" else CPU_READER_THREADS
         self.workers = max(1, options.workers or default_workers)
-        self.downsample = 1  # set per slide
         self.background = self._background_embedding()
+        self.config = EngineConfig(
+            encoder=self.encoder, encoder_source=options.encoder, device=self.device, dtype=self.dtype,
+            variants=tuple(self.variants), batch_size=options.batch_size, patch_px=self.patch_px, scale=self.scale,
+            offset=self.offset, background=self.background, workers=self.workers, tile_cells=options.tile_cells,
+            decode=options.decode, cuda_graph=options.cuda_graph, batches_in_flight=options.batches_in_flight)
         self.engine: Engine = self._engine()
 
     @property
@@ -519,27 +178,13 @@ class Compressor:
 
     def _engine(self) -> Engine:
         if self.device.type != "cuda" or self.pixel_units:
-            return CpuEngine(self)
-        from nic_fast.pipeline_cuda import CudaEngine  # imported only where a GPU runs
+            return CpuEngine(self.config)
+        from nic_fast.engine.cuda import CudaEngine  # imported only where a GPU runs
 
-        return CudaEngine(self)
-
-    # -- encoder ------------------------------------------------------------------
-    def new_batch(self) -> torch.Tensor:
-        """The CPU engine's reusable patch buffer: channels-last, the layout oneDNN
-        convolutions want."""
-        spec = self.encoder.spec
-        shape = (self.options.batch_size, spec.channels, self.patch_px, self.patch_px)
-        return torch.empty(shape, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
-
-    def encode(self, patches: torch.Tensor) -> np.ndarray:
-        """(N, C, P, P) normalised patches → float32 (N, code_size) on the host."""
-        with torch.inference_mode():
-            x = patches.to(self.device, self.dtype, non_blocking=True)
-            out = self.encoder(x)
-        return out.float().cpu().numpy()
+        return CudaEngine(self.config)
 
     def _background_embedding(self) -> np.ndarray:
+        """What cells without tissue hold: the embedding of a white patch, or zeros."""
         code_size = self.encoder.spec.code_size
         if self.options.background == "zero":
             return np.zeros(code_size, np.float16)
@@ -549,7 +194,9 @@ class Compressor:
         white = np.full((self.patch_px, self.patch_px, channels), 255, np.uint8)
         batch = torch.empty((1, channels, self.patch_px, self.patch_px))
         kernels.patchify(white, np.zeros((1, 2), np.int32), batch, scale=self.scale, offset=self.offset)
-        return self.encode(batch)[0].astype(np.float16)
+        with torch.inference_mode():
+            out = self.encoder(batch.to(self.device, self.dtype))
+        return out.float().cpu().numpy()[0].astype(np.float16)
 
     # -- slides -------------------------------------------------------------------
     def run(self, slides: list[Path], out_dir: Path, *, on_slide_start: Callable[[Path, int], None] | None = None,
@@ -592,7 +239,6 @@ class Compressor:
         with self._open(slide) as reader:
             self._check_channels(reader)
             choice = self._read_level(reader, slide)
-            self.downsample = choice.downsample
             level_h, level_w = reader.level_dims[choice.level]
             grid = GridGeometry.over_level(level_h, level_w, patch_px=self.patch_px, stride_px=self.stride_px,
                                            downsample=choice.downsample)
@@ -613,7 +259,7 @@ class Compressor:
             store = StoreWriter(final, variants=len(self.variants), grid_shape=grid.shape,
                                 code_size=self.encoder.spec.code_size, tile_cells=self.options.tile_cells,
                                 thumbnail=thumbnail, tissue=tissue.cells, attrs=attrs, config=config)
-            job = SlideJob(reader, choice.level, grid, store, self._unfinished_tiles(grid, tissue, store), timings,
+            job = SlideJob(reader, choice.level, choice.downsample, grid, store, self._unfinished_tiles(grid, tissue, store), timings,
                            progress)
             try:
                 streamed = self.engine.stream(job)

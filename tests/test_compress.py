@@ -14,6 +14,7 @@ from click.testing import CliRunner
 import nic_fast
 from nic_fast.cli import main
 from nic_fast.compress import CompressOptions, Compressor
+from nic_fast.engine import cpu as cpu_engine
 from nic_fast.encoders import EncoderSpec, save_encoder
 from nic_fast.grid import dihedral
 from nic_fast.store import StoreError, open_store
@@ -142,15 +143,15 @@ def test_interrupted_slide_is_never_visible_and_resumes(tmp_path, conv_encoder, 
     clean = open_store(tmp_path / "clean" / "s.zarr").load()
 
     calls = {"n": 0}
-    original = Compressor.encode
+    original = cpu_engine.encode_to_host
 
-    def crashing(self, patches):
+    def crashing(config, patches):
         calls["n"] += 1
         if calls["n"] == 4:
             raise RuntimeError("simulated crash")
-        return original(self, patches)
+        return original(config, patches)
 
-    monkeypatch.setattr(Compressor, "encode", crashing)
+    monkeypatch.setattr(cpu_engine, "encode_to_host", crashing)
     (result,) = compress([slide], tmp_path / "out", **options)
     assert result.status == "failed" and "simulated crash" in result.reason
     assert not (tmp_path / "out" / "s.zarr").exists()
@@ -159,10 +160,8 @@ def test_interrupted_slide_is_never_visible_and_resumes(tmp_path, conv_encoder, 
     done = (tmp_path / "out" / "s.zarr.partial" / "tiles_done.txt").read_text().split("\n")
     assert 1 <= len([line for line in done if line]) < 6
 
-    monkeypatch.setattr(Compressor, "encode", original)
-    calls["n"] = 0
     encoded = []
-    monkeypatch.setattr(Compressor, "encode", lambda self, p: (encoded.append(len(p)), original(self, p))[1])
+    monkeypatch.setattr(cpu_engine, "encode_to_host", lambda config, p: (encoded.append(len(p)), original(config, p))[1])
     (result,) = compress([slide], tmp_path / "out", **options)
     assert result.status == "ok"
     assert sum(encoded) < 30  # finished tiles were not redone

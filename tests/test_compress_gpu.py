@@ -16,7 +16,7 @@ import torch
 
 from nic_fast.compress import CompressOptions, Compressor
 from nic_fast.encoders import EncoderSpec, save_encoder
-from nic_fast.pipeline_cuda import EventReleaser, StagingRing
+from nic_fast.engine.cuda import EventReleaser, StagingRing
 from nic_fast.store import open_store
 
 PATCH_PX = 128

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from nic_fast.cli import main
 from nic_fast.compress import CompressOptions, Compressor
-from nic_fast.scheduler import Scheduler, SchedulerError, SchedulerEvent, cuda_devices, largest_first
+from nic_fast.batch.supervisor import Scheduler, SchedulerError, SchedulerEvent, cuda_devices, largest_first
 from nic_fast.store import open_store
 
 PATCH_PX = 128

@@ -18,7 +18,7 @@ from rich.progress import (
 from rich.table import Table
 
 from nic_fast.compress import DECODERS, PRECISIONS, CompressOptions, Compressor, SlideResult
-from nic_fast.scheduler import DeviceSummary, Scheduler, SchedulerError, SchedulerEvent, cuda_devices
+from nic_fast.batch.supervisor import DeviceSummary, Scheduler, SchedulerError, SchedulerEvent, cuda_devices
 
 
 class MppParam(click.ParamType):

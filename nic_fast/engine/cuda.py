@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from nic_fast import kernels
-from nic_fast.compress import (
-    Compressor,
+from nic_fast.engine.base import (
+    EngineConfig,
     ReaderHandles,
     RegionPlan,
     SlideJob,
@@ -312,20 +312,18 @@ class CudaEngine:
     """Streams slides through the device-resident pipeline on one GPU; reused across slides
     (streams, batch slots and captured graphs are made once)."""
 
-    def __init__(self, compressor: Compressor) -> None:
-        self.c = compressor
-        index = compressor.device.index if compressor.device.index is not None else torch.cuda.current_device()
+    def __init__(self, config: EngineConfig) -> None:
+        self.c = config
+        index = config.device.index if config.device.index is not None else torch.cuda.current_device()
         self.device = torch.device("cuda", index)
         torch.cuda.set_device(self.device)
         self.compute = torch.cuda.Stream(self.device)
         self.upload = torch.cuda.Stream(self.device)
         self.download = torch.cuda.Stream(self.device)
-        spec = compressor.encoder.spec
-        options = compressor.options
-        self.slots = [_BatchSlot(options.batch_size, spec.channels, compressor.patch_px, compressor.dtype, self.device)
-                      for _ in range(max(2, options.batches_in_flight))]
-        self.graphs = options.cuda_graph and self._capture_graphs()
-        self.background = torch.from_numpy(compressor.background).to(self.device)
+        self.slots = [_BatchSlot(config.batch_size, config.channels, config.patch_px, config.dtype, self.device)
+                      for _ in range(max(2, config.batches_in_flight))]
+        self.graphs = config.cuda_graph and self._capture_graphs()
+        self.background = torch.from_numpy(config.background).to(self.device)
         self._decode_choice: dict[str, dict[str, Any]] = {}
         self._reference: Encoder | None = None  # fp32 copy of the encoder, loaded for the error sample
 
@@ -358,12 +356,12 @@ class CudaEngine:
     def reference_encoder(self) -> Encoder:
         """The encoder in fp32 on this device: what the half-precision error is measured against."""
         if self._reference is None:
-            self._reference = load_encoder(self.c.options.encoder, device="cpu").to(self.device, torch.float32)
+            self._reference = load_encoder(self.c.encoder_source, device="cpu").to(self.device, torch.float32)
         return self._reference
 
     def _decoder(self, job: SlideJob) -> tuple[CpuDecoder | GpuDecoder, dict[str, Any]]:
         """The decoder for this slide: --decode cpu/gpu as asked; auto measures each format once."""
-        mode = self.c.options.decode
+        mode = self.c.decode
         if job.reader.backend != "cucim":
             return self._cpu_decoder(job), {"device": "cpu", "reason": f"the {job.reader.backend} reader decodes on the CPU only"}
         if mode != "auto":
@@ -378,8 +376,8 @@ class CudaEngine:
         return self._cpu_decoder(job), chosen
 
     def _cpu_decoder(self, job: SlideJob) -> CpuDecoder:
-        height, width = max_region_px(job.grid, self.c.options.tile_cells)
-        ring = StagingRing(self.c.workers + 2, height * width * RGB, self.c.options.tile_cells ** 2, pin=True)
+        height, width = max_region_px(job.grid, self.c.tile_cells)
+        ring = StagingRing(self.c.workers + 2, height * width * RGB, self.c.tile_cells ** 2, pin=True)
         return CpuDecoder(job, ring, self.c.workers)
 
     def _gpu_decoder(self, job: SlideJob) -> GpuDecoder:
@@ -429,16 +427,15 @@ class _SlideRun:
     def __init__(self, engine: CudaEngine, job: SlideJob, decoder: CpuDecoder | GpuDecoder) -> None:
         self.e, self.c, self.job, self.decoder = engine, engine.c, job, decoder
         self.timings: Timings = job.timings
-        options = self.c.options
-        height, width = max_region_px(job.grid, options.tile_cells)
-        max_cells = options.tile_cells ** 2
+        height, width = max_region_px(job.grid, self.c.tile_cells)
+        max_cells = self.c.tile_cells ** 2
         self.regions = [_DeviceRegion(torch.empty(height * width * RGB, dtype=torch.uint8, device=engine.device),
                                       torch.empty((max_cells, 2), dtype=torch.int32, device=engine.device),
                                       torch.cuda.Event()) for _ in range(2)]
         for region in self.regions:
             region.free.record(engine.compute)
         self.next_region = 0
-        tile_numel = len(self.c.variants) * max_cells * self.c.encoder.spec.code_size
+        tile_numel = len(self.c.variants) * max_cells * self.c.code_size
         self.tiles = _TilePool(2 * (self.c.workers + 2), tile_numel, engine.device)
         self.writer = TileWriter(job.store, max_pending=len(self.tiles.device_buffers))
         self.releaser = EventReleaser()
@@ -531,7 +528,7 @@ class _SlideRun:
             index = self.tiles.acquire()
             self.wait["tile_wait_s"] += time.perf_counter() - t0
         h, w = tile.shape
-        shape = (len(self.c.variants), h, w, self.c.encoder.spec.code_size)
+        shape = (len(self.c.variants), h, w, self.c.code_size)
         numel = math.prod(shape)
         embeddings = self.tiles.device_buffers[index][:numel].view(shape)
         embeddings.copy_(self.e.background.expand(shape))
@@ -599,7 +596,7 @@ class _DeviceBatch:
 
     def _patchify(self, region: torch.Tensor, cells: torch.Tensor, out: torch.Tensor, host_cells: np.ndarray,
                   variant: int) -> None:
-        kernels.patchify(region, cells, out, scale=self.c.scale, offset=self.c.offset, downsample=self.c.downsample,
+        kernels.patchify(region, cells, out, scale=self.c.scale, offset=self.c.offset, downsample=self.run.job.downsample,
                          dihedral=variant, host_cells=host_cells)
 
     def _reference_input(self) -> torch.Tensor:

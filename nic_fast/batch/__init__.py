@@ -1,0 +1,1 @@
+"""Many slides: store names, per-slide claims and records, the summary, worker supervision."""
