@@ -29,7 +29,7 @@ import zarr
 from rich.console import Console
 from rich.table import Table
 
-from nic_fast.store import StoreWriter
+from nic_fast.store import CellGeometry, StoreWriter
 from nic_fast.train.fit import RunOptions
 from nic_fast.train.loader import CropSource, DaliCropLoader, TorchCropLoader, dali_available, default_workers
 from nic_fast.train.model import ModelConfig, NICNet, TrainedModel, parameter_groups
@@ -44,8 +44,10 @@ def write_store(path: Path, grid: int, code_size: int, seed: int) -> Path:
     rng = np.random.default_rng(seed)
     rows, cols = np.indices((grid, grid))
     tissue = (rows - grid / 2) ** 2 + (cols - grid / 2) ** 2 < (0.47 * grid) ** 2
+    geometry = CellGeometry(stride_px=128, patch_px=128, level0_px_per_px=1.0, level0_mpp=0.5,
+                            thumbnail_downsample=128.0)
     writer = StoreWriter(path, variants=8, grid_shape=(grid, grid), code_size=code_size, tile_cells=TILE_CELLS,
-                         thumbnail=np.full((grid, grid, 3), 255, np.uint8), tissue=tissue,
+                         thumbnail=np.full((grid, grid, 3), 255, np.uint8), tissue=tissue, geometry=geometry,
                          attrs={"background": "blank", "grid_shape": [grid, grid]}, config={"benchmark": seed})
     for row, i0 in enumerate(range(0, grid, TILE_CELLS)):
         for col, j0 in enumerate(range(0, grid, TILE_CELLS)):

@@ -36,7 +36,8 @@ import torch
 from PIL import Image
 
 from machine import describe as describe_machine
-from nic_fast.compress import CompressOptions, Compressor
+from nic_fast.batch import compress_slides
+from nic_fast.compress import CompressOptions
 from nic_fast.encoder_training import PatchSet, TrainConfig, export_encoder, fit
 from nic_fast.store import open_store
 from nic_fast.synthetic_mnist import DEFAULT_DIGITS, GRID_PX, NO_DIGIT, TILTED, load_digits, write_mnist_rectangles
@@ -269,7 +270,7 @@ def compress_all(run: EncoderRun, encoder: Path, config: Config, canvases: list[
     # reads and flushes, and compression took twice as long.
     options = CompressOptions(encoder=str(encoder), mpp=None, background="zero", batch_size=4096, device=device,
                               tile_cells=max(16, -(-config.canvas_px // GRID_PX)))
-    results = Compressor(options).run([c.image for c in canvases], out)
+    results = compress_slides([c.image for c in canvases], out, options).results
     failed = [r for r in results if r.status == "failed"]
     if failed:
         raise RuntimeError(f"compressing with {run.key} failed for {failed[0].slide}: {failed[0].reason}")

@@ -18,12 +18,11 @@ they always take the CPU engine (the encoder itself still runs on ``device``).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +30,17 @@ import numpy as np
 import torch
 
 from nic_fast import __version__, kernels
-from nic_fast.encoders import Encoder, load_encoder
-from nic_fast.engine.base import Engine, EngineConfig, ProgressFn, SlideJob, Timings
+from nic_fast.encoders import Encoder, EncoderError, load_encoder
+from nic_fast.engine.base import Engine, EncoderOutputError, EngineConfig, ProgressFn, SlideJob, Timings
 from nic_fast.engine.cpu import CpuEngine
 from nic_fast.grid import DIHEDRAL, GridGeometry, Tile
 from nic_fast.slides import SlideError, SlideReader, choose_level, load_mpp_csv, open_slide, resolve_slide_mpp
-from nic_fast.store import StoreWriter, is_complete, store_path
+from nic_fast.store import CellGeometry, ClaimLost, StoreError, StoreWriter
 from nic_fast.tissue import TissueMap, detect_tissue
 
-__all__ = ["CompressOptions", "Compressor", "SlideResult", "available_cpus", "write_summary"]
+__all__ = ["CompressOptions", "Compressor", "SlideResult", "available_cpus", "check_options", "failure_reason",
+           "source_identity",
+           "stale_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class CompressOptions:
     decode: str = "auto"  # where cuCIM decodes on a GPU run: cpu | gpu | auto (measured per format)
     cuda_graph: bool = True  # replay the fixed-size encoder batch as a CUDA graph
     batches_in_flight: int = 2  # GPU batches queued ahead of the one running
+    reader: str = "auto"  # slide backend: auto picks per file (see nic_fast.slides.open_slide)
     slide_mpp: float | None = None
     slide_mpp_csv: Path | None = None
     overwrite: bool = False
@@ -92,8 +94,61 @@ class SlideResult:
     grid_shape: tuple[int, int] | None = None
     tissue_fraction: float | None = None
     invalid_cells: int = 0
+    invalid_reasons: dict[str, int] = field(default_factory=dict)  # not-valid cells by why
     device: str = ""  # where it ran ("cpu", "cuda:1")
     attempts: int = 1  # > 1 when a dead worker's slide was retried
+    resumed: bool = False  # the store continued a partial one left by an earlier run
+
+
+def check_options(options: CompressOptions) -> None:
+    """Cheap checks of what every worker would otherwise find out at start-up (ValueError):
+    names of choices, the µm/px table, the encoder reference. Loads no model."""
+    from nic_fast.encoders import builtin_encoders
+    from nic_fast.slides import BACKENDS
+
+    if options.decode not in DECODERS:
+        raise ValueError(f"decode must be one of {', '.join(DECODERS)}, got {options.decode!r}")
+    if options.precision != "auto" and options.precision not in PRECISIONS:
+        raise ValueError(f"precision must be auto, {', '.join(PRECISIONS)}; got {options.precision!r}")
+    if options.reader not in BACKENDS or options.reader == "image":
+        readers = ", ".join(b for b in BACKENDS if b != "image")
+        raise ValueError(f"reader must be one of {readers}; got {options.reader!r}")
+    if options.mpp is None and (options.slide_mpp is not None or options.slide_mpp_csv is not None):
+        raise ValueError("--slide-mpp and --slide-mpp-csv give a slide's µm/px, which plain images read with "
+                         "--mpp none do not use; leave them out or give --mpp in µm/px")
+    if options.slide_mpp_csv is not None:
+        load_mpp_csv(options.slide_mpp_csv)
+    if options.encoder not in builtin_encoders() and not Path(options.encoder).is_file():
+        raise ValueError(f"--encoder {options.encoder}: not a built-in ({', '.join(sorted(builtin_encoders()))}) "
+                         "and no such file")
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line for a failed slide: our own errors say what to do already; others keep
+    their type so a bug is recognisable."""
+    if isinstance(exc, (SlideError, StoreError, EncoderError, EncoderOutputError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def source_identity(slide: Path) -> dict[str, Any]:
+    """What identifies a slide file without reading gigabytes: size and a hash of its first MiB."""
+    return {"size_bytes": slide.stat().st_size, "header_sha256": _header_sha256(slide)}
+
+
+def stale_reason(store_attrs: dict[str, Any], slide: Path) -> str | None:
+    """Why a complete store no longer matches the slide file on disk, or None when it does."""
+    source = store_attrs.get("source") or {}
+    try:
+        size = slide.stat().st_size
+    except OSError:
+        return None  # the slide is gone: the store is all there is, not stale
+    if source.get("size_bytes") != size:
+        return (f"the store was made from a different file ({source.get('size_bytes')} bytes, now {size}); "
+                "use --overwrite to recompress it")
+    if source.get("header_sha256") not in (None, _header_sha256(slide)):
+        return "the slide file changed since its store was made (header hash differs); use --overwrite to recompress it"
+    return None
 
 
 
@@ -199,49 +254,41 @@ class Compressor:
         return out.float().cpu().numpy()[0].astype(np.float16)
 
     # -- slides -------------------------------------------------------------------
-    def run(self, slides: list[Path], out_dir: Path, *, on_slide_start: Callable[[Path, int], None] | None = None,
-            progress: ProgressFn | None = None, on_slide_done: Callable[[SlideResult], None] | None = None,
-            ) -> list[SlideResult]:
-        """Compress every slide; a failure is recorded and the batch goes on."""
-        out_dir.mkdir(parents=True, exist_ok=True)
-        results = []
-        for slide in slides:
-            result = self.compress_slide(Path(slide), out_dir, on_start=on_slide_start, progress=progress)
-            results.append(result)
-            if on_slide_done:
-                on_slide_done(result)
-        write_summary(out_dir, results, self.options)
-        return results
-
-    def compress_slide(self, slide: Path, out_dir: Path, *, on_start: Callable[[Path, int], None] | None = None,
+    def compress_slide(self, slide: Path, final: Path, *, replace: bool = False, run_id: str = "",
+                       still_owned: Callable[[], bool] = lambda: True,
+                       on_start: Callable[[Path, int], None] | None = None,
                        progress: ProgressFn | None = None) -> SlideResult:
-        final = store_path(out_dir, slide)
-        if is_complete(final) and not self.options.overwrite:
-            return SlideResult(str(slide), "skipped", "complete store exists (use --overwrite to redo)", str(final),
-                               device=str(self.device))
+        """Compress ``slide`` into the store ``final``; a failure is returned, never raised.
+
+        The caller holds the slide's claim (see :mod:`nic_fast.batch.claims`): ``still_owned``
+        is asked before publishing. ``replace`` lets the new store replace a complete one.
+        """
         t0 = time.perf_counter()
         try:
-            result = self._compress(slide, final, on_start, progress)
+            result = self._compress(slide, final, replace, run_id, still_owned, on_start, progress, t0)
+        except ClaimLost as exc:
+            return SlideResult(str(slide), "skipped", str(exc), seconds=time.perf_counter() - t0,
+                               device=str(self.device))
         except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
             log.debug("slide %s failed", slide, exc_info=True)
-            return SlideResult(str(slide), "failed", f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - t0,
+            return SlideResult(str(slide), "failed", failure_reason(exc), seconds=time.perf_counter() - t0,
                                device=str(self.device))
         result.seconds = time.perf_counter() - t0
-        result.patches_per_s = result.patches / result.seconds if result.seconds > 0 else 0.0
         return result
 
-    def _compress(self, slide: Path, final: Path, on_start: Callable[[Path, int], None] | None,
-                  progress: ProgressFn | None) -> SlideResult:
+    def _compress(self, slide: Path, final: Path, replace: bool, run_id: str, still_owned: Callable[[], bool],
+                  on_start: Callable[[Path, int], None] | None, progress: ProgressFn | None,
+                  t_start: float) -> SlideResult:
         if not slide.is_file():
-            raise SlideError(f"{slide}: no such file")
+            raise SlideError(f"{slide}: no such file" if not slide.exists() else f"{slide}: not a regular file")
         timings = Timings()
-        t_start = time.perf_counter()
         with self._open(slide) as reader:
             self._check_channels(reader)
             choice = self._read_level(reader, slide)
             level_h, level_w = reader.level_dims[choice.level]
             grid = GridGeometry.over_level(level_h, level_w, patch_px=self.patch_px, stride_px=self.stride_px,
                                            downsample=choice.downsample)
+            self._check_grid(slide, grid, level_h, level_w, choice)
             t0 = time.perf_counter()
             thumbnail, thumb_downsample = self._thumbnail(reader, choice.level, grid)
             tissue = self._tissue(thumbnail, grid, reader.level_downsamples[choice.level] / thumb_downsample)
@@ -256,29 +303,48 @@ class Compressor:
             config = {key: attrs[key] for key in ("source", "mpp", "level", "downsample", "patch_px", "stride_px",
                                                   "augmentations", "min_tissue", "background", "tile_cells")}
             config["encoder_sha256"] = self.encoder.spec.sha256
+            geometry = CellGeometry(stride_px=self.stride_px, patch_px=self.patch_px,
+                                    level0_px_per_px=reader.level_downsamples[choice.level] * choice.downsample,
+                                    level0_mpp=None if self.pixel_units else reader.mpp,
+                                    thumbnail_downsample=thumb_downsample)
             store = StoreWriter(final, variants=len(self.variants), grid_shape=grid.shape,
                                 code_size=self.encoder.spec.code_size, tile_cells=self.options.tile_cells,
-                                thumbnail=thumbnail, tissue=tissue.cells, attrs=attrs, config=config)
-            job = SlideJob(reader, choice.level, choice.downsample, grid, store, self._unfinished_tiles(grid, tissue, store), timings,
-                           progress)
+                                thumbnail=thumbnail, tissue=tissue.cells, geometry=geometry, attrs=attrs,
+                                config=config, run_id=run_id, started_s=t_start)
+            job = SlideJob(reader, choice.level, choice.downsample, grid, store,
+                           self._unfinished_tiles(grid, tissue, store), timings, progress)
             try:
                 streamed = self.engine.stream(job)
             finally:
                 store.close()
         timings.total_s = time.perf_counter() - t_start
+        totals = store.totals()
         patches = n_cells * len(self.variants)
-        invalid = streamed.invalid_cells
-        extra = {"timings": timings.as_attrs(), "invalid_cells": invalid, "device": str(self.device),
-                 "valid_fraction": 1.0 - invalid / max(1, grid.height * grid.width), **streamed.attrs}
-        store.publish(extra, overwrite=self.options.overwrite)
-        return SlideResult(str(slide), "ok", store=str(final), patches=patches, grid_shape=grid.shape,
-                           tissue_fraction=tissue.tissue_fraction, invalid_cells=invalid, device=str(self.device))
+        seconds = max(totals["compute_seconds"], 1e-9)
+        extra = {"timings": timings.as_attrs(), "device": str(self.device), **totals,
+                 "valid_fraction": 1.0 - totals["invalid_cells"] / max(1, grid.height * grid.width),
+                 "patches": patches, "patches_per_s": round(patches / seconds, 2), **streamed.attrs}
+        store.publish(extra, overwrite=replace, still_owned=still_owned)
+        return SlideResult(str(slide), "ok", store=str(final), patches=patches, patches_per_s=patches / seconds,
+                           grid_shape=grid.shape, tissue_fraction=tissue.tissue_fraction,
+                           invalid_cells=totals["invalid_cells"], invalid_reasons=totals["invalid_reasons"],
+                           device=str(self.device), resumed=store.resumed)
+
+    def _check_grid(self, slide: Path, grid: GridGeometry, level_h: int, level_w: int, choice: ReadPlanLevel) -> None:
+        """A slide smaller than one patch has no cell to compress: say so, with the sizes."""
+        if grid.height and grid.width:
+            return
+        work_h, work_w = level_h // choice.downsample, level_w // choice.downsample
+        at = f"{choice.working_mpp:g} µm/px" if choice.working_mpp else "its pixel size"
+        raise SlideError(f"{slide}: is {work_w}×{work_h} px at {at}, smaller than one {self.patch_px}-px patch: "
+                         "nothing to compress; use a finer --mpp or an encoder with smaller patches")
 
     def _open(self, slide: Path) -> SlideReader:
         """The slide's reader: the image backend in pixel units, else by format with its µm/px."""
         if self.pixel_units:
             return open_slide(slide, backend="image")
-        return open_slide(slide, slide_mpp=resolve_slide_mpp(slide, self.options.slide_mpp, self.mpp_table))
+        return open_slide(slide, slide_mpp=resolve_slide_mpp(slide, self.options.slide_mpp, self.mpp_table),
+                          backend=self.options.reader)
 
     def _check_channels(self, reader: SlideReader) -> None:
         """The encoder must take exactly the image's channels: converting gray to RGB or
@@ -321,8 +387,8 @@ class Compressor:
         spec = self.encoder.spec
         return {
             "nic_fast_version": __version__,
-            "source": {"path": str(slide.resolve()), "name": slide.name, "size_bytes": slide.stat().st_size,
-                       "header_sha256": _header_sha256(slide), "reader": reader.backend},
+            "source": {"path": str(slide.resolve()), "name": slide.name, **source_identity(slide),
+                       "reader": reader.backend},
             "scanned_mpp": reader.mpp,
             "mpp": choice.working_mpp,
             "level": choice.level,
@@ -355,23 +421,3 @@ class Compressor:
                 block = tissue.cells[tile.i0 : tile.i1, tile.j0 : tile.j1]
                 tiles.append((tile, np.argwhere(block) + (tile.i0, tile.j0)))
         return tiles
-
-
-def write_summary(out_dir: Path, results: list[SlideResult], options: CompressOptions,
-                  devices: list[dict[str, Any]] | None = None) -> Path:
-    """``OUT/summary.json``: every slide with its status, reason, time and patches/s, and,
-    for a multi-GPU run, each device's share."""
-    counts = {status: sum(r.status == status for r in results) for status in ("ok", "skipped", "failed")}
-    summary: dict[str, Any] = {
-        "nic_fast_version": __version__,
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
-        "counts": counts,
-        "slides": [asdict(r) for r in results],
-    }
-    if devices is not None:
-        summary["devices"] = devices
-    path = out_dir / "summary.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(path)
-    return path

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 import nic_fast
 from nic_fast.cli import main
+from nic_fast.batch import compress_slides
 from nic_fast.compress import CompressOptions, Compressor
 from nic_fast.engine import cpu as cpu_engine
 from nic_fast.encoders import EncoderSpec, save_encoder
@@ -54,7 +55,7 @@ def conv_encoder(tmp_path_factory) -> Path:
 
 
 def compress(slides, out: Path, **options) -> list:
-    return Compressor(CompressOptions(**options)).run([Path(s) for s in slides], out)
+    return compress_slides(slides, out, CompressOptions(**options)).results
 
 
 def test_real_svs_store_contract(cmu_svs, tmp_path):
@@ -67,7 +68,7 @@ def test_real_svs_store_contract(cmu_svs, tmp_path):
     assert store.thumbnail.dtype == np.uint8 and store.thumbnail.shape[2] == 3
     assert 0.2 < store.tissue.mean() < 0.8  # a skin section on glass
     a = store.attrs
-    assert a["status"] == "complete" and a["format_version"] == 1
+    assert a["status"] == "complete" and a["format_version"] == 2
     assert a["level"] == 0 and a["downsample"] == 1 and abs(a["scanned_mpp"] - 0.499) < 1e-6
     assert a["encoder"]["name"] == "mean-rgb" and a["grid_shape"] == [23, 17]
     assert a["source"]["name"] == "CMU-1-Small-Region.svs" and len(a["source"]["header_sha256"]) == 64
@@ -80,7 +81,7 @@ def test_real_svs_store_contract(cmu_svs, tmp_path):
     np.testing.assert_allclose(store.load()[i, j], patch.reshape(-1, 3).mean(0) / 255, atol=2e-3)
     np.testing.assert_array_equal(store.load()[~store.tissue], 1.0)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["counts"] == {"ok": 1, "skipped": 0, "failed": 0}
+    assert summary["counts"] == {"ok": 1, "skipped": 0, "failed": 0, "stale": 0}
     assert summary["slides"][0]["patches"] == int(store.tissue.sum())
 
 
@@ -115,12 +116,15 @@ def test_failed_slides_are_isolated_and_reported(tmp_path, cmu_svs):
     assert status["missing.svs"]["status"] == "failed"
     reason = status["no_mpp.tif"]["reason"]
     assert status["no_mpp.tif"]["status"] == "failed" and "--slide-mpp" in reason and "--slide-mpp-csv" in reason
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.zarr", "summary.json"]
-    # the override rescues the slide without metadata; the good one is skipped
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.zarr", "records", "runs", "summary.json"]
+    # the override rescues the slide without metadata; the good one is skipped, and the summary, rebuilt
+    # from both runs' records, keeps its outcome
     result = runner.invoke(main, ["compress", str(good), str(no_mpp), "-o", str(tmp_path / "out"), "--slide-mpp", "0.5"])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert [s["status"] for s in summary["slides"]] == ["skipped", "ok"]
+    assert {s["name"]: s["status"] for s in summary["slides"]} == {"broken": "failed", "good": "ok",
+                                                                  "missing": "failed", "no_mpp": "ok"}
+    assert len(summary["runs"]) == 2
 
 
 def test_skip_and_overwrite(tmp_path):
@@ -132,7 +136,7 @@ def test_skip_and_overwrite(tmp_path):
     (redo,) = compress([slide], tmp_path / "out", overwrite=True)
     assert redo.status == "ok"
     assert open_store(tmp_path / "out" / "s.zarr").attrs["timings"] != created
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["s.zarr", "summary.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["records", "runs", "s.zarr", "summary.json"]
 
 
 def test_interrupted_slide_is_never_visible_and_resumes(tmp_path, conv_encoder, monkeypatch):

@@ -14,7 +14,8 @@ import pytest
 import tifffile
 import torch
 
-from nic_fast.compress import CompressOptions, Compressor
+from nic_fast.batch import compress_slides
+from nic_fast.compress import CompressOptions
 from nic_fast.encoders import EncoderSpec, save_encoder
 from nic_fast.engine.cuda import EventReleaser, StagingRing
 from nic_fast.store import open_store
@@ -94,7 +95,7 @@ def conv_encoder(tmp_path_factory) -> Path:
 
 
 def compress(slide: Path, out: Path, **options) -> tuple[np.ndarray, dict]:
-    (result,) = Compressor(CompressOptions(**options)).run([slide], out)
+    (result,) = compress_slides([slide], out, CompressOptions(**options)).results
     assert result.status == "ok", result.reason
     store = open_store(out / f"{slide.stem}.zarr")
     return store.embeddings[...].astype(np.float32), store.attrs

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from nic_fast.cli import main
+from nic_fast.batch import compress_slides
 from nic_fast.compress import CompressOptions, Compressor
 from nic_fast.encoder_training import mean_pixel_encoder
 from nic_fast.encoders import EncoderSpec, load_encoder, save_encoder
@@ -50,7 +51,7 @@ def gray_canvas(path: Path, height: int, width: int, seed: int = 0) -> np.ndarra
 
 
 def compress(slides: list[Path], out: Path, **options) -> list:
-    return Compressor(CompressOptions(mpp=None, **options)).run(slides, out)
+    return compress_slides(slides, out, CompressOptions(mpp=None, **options)).results
 
 
 def test_grayscale_store_in_pixel_units(tmp_path, gray_mean_encoder):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nic_fast.compress import CompressOptions, Compressor
+from nic_fast.batch import compress_slides
+from nic_fast.compress import CompressOptions
 from nic_fast.encoder_training.mnist import MNIST_PATCH_PX, binarised_mnist_patches, load_mnist_npz
 from nic_fast.encoder_training.patch_files import load_patch_set, save_patch_cache
 from nic_fast.encoder_training.patches import (
@@ -63,7 +64,7 @@ def test_sampled_patches_are_what_compress_encodes(tmp_path, scanned_mpp):
     slide = write_synthetic_slide(tmp_path / "s.tif", height=side, width=side, mpp=scanned_mpp, seed=3,
                                   lesion=False).path
     patches = sample_slide_patches([slide], SlideSampling(patch_px=PATCH_PX, patches_per_slide=10, min_tissue=0.5))
-    Compressor(CompressOptions(encoder="mean-rgb", min_tissue=0.1)).run([slide], tmp_path / "out")
+    compress_slides([slide], tmp_path / "out", CompressOptions(encoder="mean-rgb", min_tissue=0.1))
     grid = open_store(tmp_path / "out" / "s.zarr").load()
     assert patches.cells is not None and len(patches) == 10
     for image, (i, j) in zip(patches.images, patches.cells):

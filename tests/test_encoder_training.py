@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from nic_fast.cli import main
-from nic_fast.compress import CompressOptions, Compressor
+from nic_fast.batch import compress_slides
+from nic_fast.compress import CompressOptions
 from nic_fast.encoder_training.augment import HeavyAugment, random_dihedral
 from nic_fast.encoder_training.export import export_encoder
 from nic_fast.encoder_training.fit import TrainConfig, TrainingError, fit, plateau_step
@@ -275,7 +276,7 @@ def test_cli_slide_encoder_compresses_a_new_slide(tmp_path, slide_set, method):
     assert (tmp_path / f"{method}.pt.run" / "checkpoint.pt").is_file()
     spec = load_encoder(encoder).spec
     assert (spec.input_px, spec.mpp, spec.channels, spec.code_size) == (128, 0.5, 3, 16)
-    (outcome,) = Compressor(CompressOptions(encoder=str(encoder))).run([slide_set["new"]], tmp_path / "out")
+    (outcome,) = compress_slides([slide_set["new"]], tmp_path / "out", CompressOptions(encoder=str(encoder))).results
     assert outcome.status == "ok", outcome.reason
     store = open_store(tmp_path / "out" / "new.zarr")
     assert store.code_size == 16 and store.attrs["encoder"]["sha256"] == spec.sha256

@@ -15,8 +15,9 @@ import torch
 from click.testing import CliRunner
 
 from nic_fast.cli import main
-from nic_fast.compress import CompressOptions, Compressor
-from nic_fast.batch.supervisor import Scheduler, SchedulerError, SchedulerEvent, cuda_devices, largest_first
+from nic_fast.batch import compress_slides
+from nic_fast.batch.supervisor import SchedulerError, SchedulerEvent, cuda_devices, largest_first
+from nic_fast.compress import CompressOptions
 from nic_fast.store import open_store
 
 PATCH_PX = 128
@@ -44,7 +45,7 @@ def slides(tmp_path_factory) -> list[Path]:
 def reference(slides, tmp_path_factory) -> Path:
     """The same slides compressed in this process: what the workers must reproduce."""
     out = tmp_path_factory.mktemp("reference")
-    results = Compressor(OPTIONS).run(slides, out)
+    results = compress_slides(slides, out, OPTIONS).results
     assert all(r.status == "ok" for r in results)
     return out
 
@@ -89,7 +90,8 @@ def test_killed_worker_loses_only_its_slide_which_is_retried(slides, reference, 
             if not any(e.kind == "died" for e in events):
                 os.kill(event.pid, signal.SIGKILL)
 
-    results, devices = Scheduler(OPTIONS, ["cpu", "cpu"], on_event=kill_large_mid_slide).run(slides, tmp_path)
+    outcome = compress_slides(slides, tmp_path, OPTIONS, devices=["cpu", "cpu"], on_event=kill_large_mid_slide)
+    results, devices = outcome.results, outcome.workers
     assert [r.status for r in results] == ["ok", "ok", "ok"], [r.reason for r in results]
     assert [r.attempts for r in results] == [1, 2, 1]
     for name in ("small", "large", "medium"):
@@ -101,8 +103,9 @@ def test_killed_worker_loses_only_its_slide_which_is_retried(slides, reference, 
     assert sum(d.slides_ok for d in devices) == 3
     assert sum(d.patches for d in devices) == sum(r.patches for r in results)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert [d["device"] for d in summary["devices"]] == ["cpu #0", "cpu #1"]
-    assert all(d["patches_per_s"] > 0 for d in summary["devices"] if d["slides_ok"])
+    assert [d["device"] for d in summary["workers"]] == ["cpu #0", "cpu #1"]
+    assert all(d["patches_per_s"] > 0 for d in summary["workers"] if d["slides_ok"])
+    assert summary["counts"]["ok"] == 3 and {s["name"]: s["attempts"] for s in summary["slides"]}["large"] == 2
 
 
 def test_without_retries_the_lost_slide_is_reported_and_the_rest_finish(slides, reference, tmp_path):
@@ -110,7 +113,8 @@ def test_without_retries_the_lost_slide_is_reported_and_the_rest_finish(slides, 
         if event.kind == "progress" and event.slide.name == "medium.tif":
             os.kill(event.pid, signal.SIGKILL)
 
-    results, devices = Scheduler(OPTIONS, ["cpu"], max_attempts=1, on_event=kill_medium).run(slides, tmp_path)
+    outcome = compress_slides(slides, tmp_path, OPTIONS, devices=["cpu"], max_attempts=1, on_event=kill_medium)
+    results, devices = outcome.results, outcome.workers
     status = {Path(r.slide).name: r for r in results}
     assert status["medium.tif"].status == "failed"
     assert "died (killed by SIGKILL)" in status["medium.tif"].reason and "rerun" in status["medium.tif"].reason
@@ -119,6 +123,6 @@ def test_without_retries_the_lost_slide_is_reported_and_the_rest_finish(slides, 
     assert (tmp_path / "medium.zarr.partial").exists() and not (tmp_path / "medium.zarr").exists()
     assert devices[0].slides_failed == 1 and devices[0].restarts == 1
     # rerunning resumes the partial store and completes it
-    (again,) = Compressor(OPTIONS).run([slides[2]], tmp_path)
+    (again,) = compress_slides([slides[2]], tmp_path, OPTIONS).results
     assert again.status == "ok"
     assert_same_store(tmp_path, reference, "medium")

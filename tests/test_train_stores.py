@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import zarr
 
-from nic_fast.store import StoreWriter, open_store
+from nic_fast.store import CellGeometry, StoreError, StoreWriter, open_store
 from nic_fast.train.reader import EmbeddingReader
 from nic_fast.train.sampler import background_embedding
 
@@ -31,8 +31,12 @@ def write_store(path: Path, embeddings: np.ndarray, tissue: np.ndarray, *, valid
     attrs = {"background": background, "encoder": {"source": encoder_source}, "stride_px": stride_px,
              "patch_px": stride_px, "mpp": mpp, "scanned_mpp": scanned_mpp, "downsample": 1,
              "thumbnail_downsample": thumbnail_downsample, "grid_shape": [height, width]}
+    geometry = CellGeometry(stride_px=stride_px, patch_px=stride_px, level0_px_per_px=(mpp / scanned_mpp
+                            if mpp and scanned_mpp else 1.0), level0_mpp=scanned_mpp if mpp else None,
+                            thumbnail_downsample=thumbnail_downsample)
     writer = StoreWriter(path, variants=variants, grid_shape=(height, width), code_size=code_size,
-                         tile_cells=TILE_CELLS, thumbnail=thumbnail, tissue=tissue, attrs=attrs, config={})
+                         tile_cells=TILE_CELLS, thumbnail=thumbnail, tissue=tissue, geometry=geometry, attrs=attrs,
+                         config={})
     for row, i0 in enumerate(range(0, height, TILE_CELLS)):
         for col, j0 in enumerate(range(0, width, TILE_CELLS)):
             i1, j1 = min(i0 + TILE_CELLS, height), min(j0 + TILE_CELLS, width)
@@ -67,12 +71,21 @@ def test_reader_matches_zarr_on_every_kind_of_window(tmp_path: Path) -> None:
         np.testing.assert_array_equal(reader[k, i0:i1, j0:j1, :], array[k, i0:i1, j0:j1, :])
 
 
-def test_reader_fills_chunks_zarr_did_not_write(tmp_path: Path) -> None:
-    codes = np.zeros((1, 40, 40, 3), np.float16)  # zero = the fill value: Zarr skips such chunks
+def test_reader_reads_chunks_of_fill_values_and_refuses_damaged_ones(tmp_path: Path) -> None:
+    codes = np.zeros((1, 40, 40, 3), np.float16)  # zero = the fill value: format 2 still writes such chunks
     codes[0, 20:24, 20:24] = 2.0
     store = write_store(tmp_path / "s.zarr", codes, np.ones((40, 40), bool))
-    assert not (store / "embeddings" / "c" / "0" / "0" / "0" / "0").exists()
+    chunk = store / "embeddings" / "c" / "0" / "0" / "0" / "0"
+    assert chunk.exists()
     np.testing.assert_array_equal(EmbeddingReader(store)[0, 0:40, 0:40, :], codes[0])
+    damaged = bytearray(chunk.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x40
+    chunk.write_bytes(bytes(damaged))
+    with pytest.raises(StoreError, match="checksum mismatch"):
+        EmbeddingReader(store)[0, 0:16, 0:16, :]
+    chunk.unlink()
+    with pytest.raises(StoreError, match="missing"):
+        EmbeddingReader(store)[0, 0:16, 0:16, :]
 
 
 def test_reader_passes_other_indexing_to_zarr(tmp_path: Path) -> None:

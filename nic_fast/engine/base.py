@@ -33,9 +33,15 @@ __all__ = [
     "TileWriter",
     "Timings",
     "WriteJob",
+    "EncoderOutputError",
     "background_tile",
+    "check_embeddings",
     "encode_to_host",
-    "fail_if_unreadable",
+    "BadArea",
+    "ReadFailures",
+    "RegionRead",
+    "bad_cells",
+    "read_region",
     "max_region_px",
 ]
 
@@ -73,12 +79,38 @@ class EngineConfig:
         return self.encoder.spec.channels
 
 
+FLOAT16_MAX = 65504.0  # stores hold float16: anything larger becomes inf
+
+
+class EncoderOutputError(ValueError):
+    """The encoder returned values a store cannot hold (NaN, ±inf, beyond float16's range)."""
+
+
 def encode_to_host(config: EngineConfig, patches: torch.Tensor) -> np.ndarray:
-    """(N, C, P, P) normalised patches → float32 (N, code_size) on the host."""
+    """(N, C, P, P) normalised patches → float32 (N, code_size) on the host, checked."""
     with torch.inference_mode():
         x = patches.to(config.device, config.dtype, non_blocking=True)
         out = config.encoder(x)
-    return out.float().cpu().numpy()
+    embeddings = out.float().cpu().numpy()
+    check_embeddings(config, embeddings)
+    return embeddings
+
+
+def check_embeddings(config: EngineConfig, embeddings: np.ndarray) -> None:
+    """Raise :class:`EncoderOutputError` unless every value is finite and fits float16."""
+    if embeddings.ndim != 2 or embeddings.shape[1] != config.code_size:
+        raise EncoderOutputError(f"encoder {config.encoder.spec.name!r} returned shape {tuple(embeddings.shape)} for "
+                                 f"{len(embeddings)} patches, but its spec says code_size {config.code_size}; "
+                                 "fix the encoder file's spec (nic_fast.encoders.save_encoder checks it)")
+    bad = int(np.count_nonzero(~(np.abs(embeddings) <= FLOAT16_MAX)))  # NaN compares False: counted too
+    if bad:
+        raise_bad_values(config, bad, embeddings.size)
+
+
+def raise_bad_values(config: EngineConfig, bad: int, total: int) -> None:
+    raise EncoderOutputError(f"encoder {config.encoder.spec.name!r} returned {bad} of {total} values that are NaN, "
+                             f"±inf or beyond float16's range (±{FLOAT16_MAX:g}); the slide is not stored. Check the "
+                             "encoder's normalisation and weights (or run it in fp32 with --precision fp32)")
 
 
 @dataclass(frozen=True)
@@ -110,6 +142,60 @@ class RegionPlan:
     def n_cells(self) -> int:
         return len(self.local_cells)
 
+    def subset(self, keep: np.ndarray) -> RegionPlan:
+        """The same region with only the cells where ``keep`` (bool (n,)) is True."""
+        return RegionPlan(self.tile, np.ascontiguousarray(self.local_cells[keep]),
+                          np.ascontiguousarray(self.level_px[keep]), self.y0, self.x0, self.height, self.width)
+
+    def cells_touching(self, patch_px: int, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+        """bool (n,): cells whose ``patch_px``-side patch overlaps the level-pixel box [y0, y1) × [x0, x1)."""
+        top = self.y0 + self.level_px[:, 0]
+        left = self.x0 + self.level_px[:, 1]
+        return (top < y1) & (top + patch_px > y0) & (left < x1) & (left + patch_px > x0)
+
+
+@dataclass(frozen=True)
+class BadArea:
+    """Part of a region whose pixels could not be trusted: level pixels [y0, y1) × [x0, x1)."""
+
+    y0: int
+    x0: int
+    y1: int
+    x1: int
+    reason: str
+
+
+@dataclass
+class RegionRead:
+    """A region's pixels (white where unreadable) and the areas that could not be read."""
+
+    pixels: np.ndarray  # uint8 (h, w, channels)
+    bad: list[BadArea] = field(default_factory=list)
+
+
+def read_region(reader: SlideReader, level: int, plan: RegionPlan) -> RegionRead:
+    """Read a plan's region; a decode error costs the region's cells, never the slide."""
+    try:
+        pixels = reader.read_region(level, plan.y0, plan.x0, plan.height, plan.width)
+    except Exception as exc:  # noqa: BLE001 - a codec's error has no common type
+        return RegionRead(np.empty((0, 0, 0), np.uint8),
+                          [BadArea(plan.y0, plan.x0, plan.y0 + plan.height, plan.x0 + plan.width,
+                                   f"unreadable region ({type(exc).__name__}: {exc})")])
+    return RegionRead(np.ascontiguousarray(pixels))
+
+
+def bad_cells(plan: RegionPlan, grid: GridGeometry, areas: list[BadArea]) -> tuple[np.ndarray, dict[str, int]]:
+    """bool (n,) of the plan's cells that touch a bad area, and how many per reason (a cell
+    touching several areas counts once, under the first)."""
+    bad = np.zeros(plan.n_cells, bool)
+    reasons: dict[str, int] = {}
+    for area in areas:
+        hit = plan.cells_touching(grid.level_patch_px, area.y0, area.x0, area.y1, area.x1) & ~bad
+        if hit.any():
+            reasons[area.reason] = reasons.get(area.reason, 0) + int(hit.sum())
+            bad |= hit
+    return bad, reasons
+
 
 def max_region_px(grid: GridGeometry, tile_cells: int) -> tuple[int, int]:
     """The largest (height, width) a tile's region can have: sizes staging buffers."""
@@ -126,6 +212,8 @@ class WriteJob:
     tile: Tile
     embeddings: np.ndarray  # float16 (A, h, w, C)
     valid: np.ndarray  # bool (h, w)
+    invalid: dict[str, int] = field(default_factory=dict)  # not-valid cells by reason
+    patches: int = 0  # patch encodings this tile took
     ready: Callable[[], None] | None = None
     release: Callable[[], None] | None = None
 
@@ -147,7 +235,7 @@ class TileWriter:
                     if job.ready is not None:
                         job.ready()
                     t = job.tile
-                    self.store.write_tile(t.row, t.col, t.i0, t.j0, job.embeddings, job.valid)
+                    self.store.write_tile(t.row, t.col, t.i0, t.j0, job.embeddings, job.valid, job.invalid, job.patches)
             except BaseException as exc:  # reported by close(); keeps draining so producers never block
                 self.error = exc
             finally:
@@ -237,9 +325,24 @@ def background_tile(config: EngineConfig, tile: Tile) -> np.ndarray:
     return embeddings
 
 
-def fail_if_unreadable(reader: SlideReader, failed_regions: list[str], read_regions: int) -> None:
-    """A slide whose every region failed is a failed slide; otherwise log a few reasons."""
-    if failed_regions and len(failed_regions) == read_regions:
-        raise SlideError(f"{reader.path}: no region could be read ({failed_regions[0]})")
-    for reason in failed_regions[:3]:
-        log.warning("%s: region read failed, cells marked invalid: %s", reader.path, reason)
+class ReadFailures:
+    """Counts what could not be read over a slide; a slide with no readable cell fails."""
+
+    def __init__(self) -> None:
+        self.cells = 0  # tissue cells read
+        self.bad_cells = 0
+        self.reasons: dict[str, int] = {}
+
+    def add(self, n_cells: int, reasons: dict[str, int]) -> None:
+        self.cells += n_cells
+        for reason, n in reasons.items():
+            self.bad_cells += n
+            self.reasons[reason] = self.reasons.get(reason, 0) + n
+
+    def check(self, reader: SlideReader) -> None:
+        """Raise when every cell failed; otherwise log the first few reasons."""
+        if self.cells and self.bad_cells == self.cells:
+            first = next(iter(self.reasons))
+            raise SlideError(f"{reader.path}: no region could be read ({first}); try another reader (--reader)")
+        for reason, n in list(self.reasons.items())[:3]:
+            log.warning("%s: %d cell(s) marked not valid: %s", reader.path, n, reason)

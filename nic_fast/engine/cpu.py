@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,15 +27,18 @@ from nic_fast.engine.base import (
     EngineConfig,
     ProgressFn,
     ReaderHandles,
+    ReadFailures,
     RegionPlan,
+    RegionRead,
     SlideJob,
     StreamResult,
     TileWriter,
     Timings,
     WriteJob,
     background_tile,
+    bad_cells,
     encode_to_host,
-    fail_if_unreadable,
+    read_region,
 )
 from nic_fast.grid import Tile
 
@@ -58,14 +61,22 @@ class _TileWork:
     embeddings: np.ndarray  # float16 (A, h, w, C), background pre-filled
     valid: np.ndarray  # bool (h, w)
     pending: int = 0  # patch encodings not yet scattered
+    patches: int = 0  # patch encodings queued
+    invalid: dict[str, int] = field(default_factory=dict)  # not-valid cells by reason
+
+    def fail(self, cells: np.ndarray, reasons: dict[str, int], variants: int) -> None:
+        """Mark ``cells`` (local (n, 2)) not valid: they are never encoded."""
+        self.valid[cells[:, 0], cells[:, 1]] = False
+        self.pending -= len(cells) * variants
+        for reason, n in reasons.items():
+            self.invalid[reason] = self.invalid.get(reason, 0) + n
 
 
 @dataclass
 class _Region:
     work: _TileWork
     plan: RegionPlan
-    pixels: np.ndarray | None  # uint8 (h, w, 3), None when the read failed
-    error: str = ""
+    read: RegionRead
 
 
 class _Batcher:
@@ -94,19 +105,18 @@ class _Batcher:
     def batch(self) -> torch.Tensor:
         return self.buffers[self.current]
 
-    def add(self, region: _Region, variants: Iterable[int]) -> None:
-        assert region.pixels is not None
-        plan = region.plan
+    def add(self, work: _TileWork, plan: RegionPlan, pixels: np.ndarray, variants: Iterable[int]) -> None:
         for variant in variants:
             start = 0
             while start < plan.n_cells:
                 count = min(plan.n_cells - start, len(self.batch) - self.filled)
                 t0 = time.perf_counter()
-                kernels.patchify(region.pixels, plan.level_px[start : start + count],
+                kernels.patchify(pixels, plan.level_px[start : start + count],
                                  self.batch[self.filled : self.filled + count], scale=self.c.scale,
                                  offset=self.c.offset, downsample=self.downsample, dihedral=variant)
                 self.timings.patchify_s += time.perf_counter() - t0
-                self.parts.append((region.work, variant, plan.local_cells[start : start + count], self.filled, count))
+                self.parts.append((work, variant, plan.local_cells[start : start + count], self.filled, count))
+                work.patches += count
                 self.filled += count
                 start += count
                 if self.filled == len(self.batch):
@@ -161,21 +171,15 @@ class CpuEngine:
         writer = TileWriter(job.store, max_pending=2 * workers + 2)
 
         def write(work: _TileWork) -> None:
-            writer.put(WriteJob(work.tile, work.embeddings, work.valid))
+            writer.put(WriteJob(work.tile, work.embeddings, work.valid, work.invalid, work.patches))
 
         batcher = _Batcher(self.c, job.downsample, write, job.timings, job.progress)
         handles = ReaderHandles(job.reader)
 
         def read(work: _TileWork, plan: RegionPlan) -> _Region:
-            try:
-                pixels = handles.get().read_region(job.level, plan.y0, plan.x0, plan.height, plan.width)
-            except Exception as exc:  # noqa: BLE001 - a decode error costs these cells, not the slide
-                return _Region(work, plan, None, f"{type(exc).__name__}: {exc}")
-            return _Region(work, plan, np.ascontiguousarray(pixels))
+            return _Region(work, plan, read_region(handles.get(), job.level, plan))
 
-        invalid = 0
-        failed_regions: list[str] = []
-        read_regions = 0
+        failures = ReadFailures()
         try:
             with ThreadPoolExecutor(workers, thread_name_prefix="nic-fast-read") as pool:
                 in_flight: deque[Future[_Region]] = deque()
@@ -188,30 +192,29 @@ class CpuEngine:
                         continue
                     in_flight.append(pool.submit(read, work, RegionPlan.of(job.grid, tile, cells)))
                     if len(in_flight) >= 2 * workers:
-                        invalid += self._consume(in_flight.popleft(), batcher, job.timings, failed_regions)
-                        read_regions += 1
+                        self._consume(in_flight.popleft(), batcher, job, failures)
                 while in_flight:
-                    invalid += self._consume(in_flight.popleft(), batcher, job.timings, failed_regions)
-                    read_regions += 1
+                    self._consume(in_flight.popleft(), batcher, job, failures)
             batcher.finish()
         finally:
             batcher.close()
             writer.close()
             handles.close()
-        fail_if_unreadable(job.reader, failed_regions, read_regions)
-        return StreamResult(invalid, {"precision": {"dtype": str(self.c.dtype).removeprefix("torch.")}})
+        failures.check(job.reader)
+        return StreamResult(failures.bad_cells, {"precision": {"dtype": str(self.c.dtype).removeprefix("torch.")}})
 
-    def _consume(self, future: Future[_Region], batcher: _Batcher, timings: Timings, failed: list[str]) -> int:
+    def _consume(self, future: Future[_Region], batcher: _Batcher, job: SlideJob, failures: ReadFailures) -> None:
+        """Hand a read region's good cells to the batcher; its bad cells are marked not valid."""
         t0 = time.perf_counter()
         region = future.result()
-        timings.read_wait_s += time.perf_counter() - t0
-        if region.pixels is None:
-            failed.append(region.error)
-            work, cells = region.work, region.plan.local_cells
-            work.valid[cells[:, 0], cells[:, 1]] = False
-            work.pending -= len(cells) * len(self.c.variants)
-            if work.pending == 0:
-                batcher.on_tile_done(work)
-            return len(cells)
-        batcher.add(region, self.c.variants)
-        return 0
+        job.timings.read_wait_s += time.perf_counter() - t0
+        work, plan = region.work, region.plan
+        bad, reasons = bad_cells(plan, job.grid, region.read.bad)
+        failures.add(plan.n_cells, reasons)
+        if bad.any():
+            work.fail(plan.local_cells[bad], reasons, len(self.c.variants))
+            plan = plan.subset(~bad)
+        if plan.n_cells:
+            batcher.add(work, plan, region.read.pixels, self.c.variants)
+        elif work.pending == 0:
+            batcher.on_tile_done(work)

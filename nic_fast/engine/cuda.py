@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,11 @@ import torch
 
 from nic_fast import kernels
 from nic_fast.engine.base import (
+    FLOAT16_MAX,
+    BadArea,
     EngineConfig,
+    ReadFailures,
+    bad_cells,
     ReaderHandles,
     RegionPlan,
     SlideJob,
@@ -46,11 +50,12 @@ from nic_fast.engine.base import (
     Timings,
     WriteJob,
     background_tile,
-    fail_if_unreadable,
+    raise_bad_values,
+    read_region,
     max_region_px,
 )
 from nic_fast.encoders import Encoder, load_encoder
-from nic_fast.grid import Tile
+from nic_fast.grid import GridGeometry, Tile
 from nic_fast.slides import SlideError
 
 __all__ = ["CpuDecoder", "CudaEngine", "EventReleaser", "GpuDecoder", "StagingRing"]
@@ -161,6 +166,8 @@ class _DeviceTile:
     host: torch.Tensor  # float16 (A, h, w, C), pinned
     valid: np.ndarray  # bool (h, w)
     pending: int  # patch encodings not yet scattered
+    patches: int = 0  # patch encodings queued
+    invalid: dict[str, int] = field(default_factory=dict)  # not-valid cells by reason
 
 
 class _TilePool:
@@ -191,11 +198,20 @@ class _Staged:
     """A region as a reader thread hands it over: in a staging slot (CPU decode), in
     device memory (GPU decode), or failed."""
 
-    plan: RegionPlan
+    plan: RegionPlan  # the cells to encode: those whose pixels were read cleanly
     slot: StagingSlot | None = None
     device_pixels: torch.Tensor | None = None
     owner: Any = None  # cuCIM's image that owns device_pixels' memory
-    error: str = ""
+    failed_cells: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.int32))  # local (i, j), not valid
+    reasons: dict[str, int] = field(default_factory=dict)  # failed cells by reason
+    cells_read: int = 0  # cells of the region before the failed ones were taken out
+
+    @classmethod
+    def checked(cls, plan: RegionPlan, grid: GridGeometry, areas: list[BadArea], **where: Any) -> _Staged:
+        """The region's good cells to encode, its bad ones (touching ``areas``) set aside."""
+        bad, reasons = bad_cells(plan, grid, areas)
+        return cls(plan.subset(~bad) if bad.any() else plan, failed_cells=plan.local_cells[bad], reasons=reasons,
+                   cells_read=plan.n_cells, **where)
 
 
 class _BatchSlot:
@@ -243,21 +259,22 @@ class CpuDecoder:
 
     def __init__(self, job: SlideJob, ring: StagingRing, threads: int) -> None:
         self.level = job.level
+        self.grid = job.grid
         self.handles = ReaderHandles(job.reader)
         self.ring = ring
         self.threads = threads
         self.lookahead = ring.count  # never more reads in flight than slots: no reader can starve the consumer
 
     def __call__(self, plan: RegionPlan) -> _Staged:
+        read = read_region(self.handles.get(), self.level, plan)
+        staged = _Staged.checked(plan, self.grid, read.bad)
+        if staged.plan.n_cells == 0:
+            return staged
         slot = self.ring.acquire()
-        try:
-            pixels = self.handles.get().read_region(self.level, plan.y0, plan.x0, plan.height, plan.width)
-        except Exception as exc:  # noqa: BLE001 - a decode error costs these cells, not the slide
-            self.ring.release(slot)
-            return _Staged(plan, error=f"{type(exc).__name__}: {exc}")
-        np.copyto(slot.pixel_view(plan.height, plan.width), pixels)
-        slot.cells[: plan.n_cells].numpy()[...] = plan.level_px
-        return _Staged(plan, slot=slot)
+        np.copyto(slot.pixel_view(plan.height, plan.width), read.pixels)
+        slot.cells[: staged.plan.n_cells].numpy()[...] = staged.plan.level_px
+        staged.slot = slot
+        return staged
 
     def close(self) -> None:
         self.handles.close()
@@ -267,8 +284,10 @@ class GpuDecoder:
     """cuCIM decodes on the GPU (nvJPEG, or nvImageCodec with the cuslide2 plugin) into
     device memory, which the patchify kernel reads in place."""
 
-    def __init__(self, path: Path, level: int, level_downsample: float, device: torch.device) -> None:
+    def __init__(self, path: Path, level: int, level_downsample: float, grid: GridGeometry,
+                 device: torch.device) -> None:
         self.path, self.level, self.level_downsample, self.device = path, level, level_downsample, device
+        self.grid = grid
         self.threads = GPU_DECODE_THREADS
         self.lookahead = 2 * GPU_DECODE_THREADS
         self._local = threading.local()
@@ -298,8 +317,10 @@ class GpuDecoder:
         try:
             pixels, owner = self.read(plan)
         except Exception as exc:  # noqa: BLE001 - a decode error costs these cells, not the slide
-            return _Staged(plan, error=f"{type(exc).__name__}: {exc}")
-        return _Staged(plan, device_pixels=pixels, owner=owner)
+            area = BadArea(plan.y0, plan.x0, plan.y0 + plan.height, plan.x0 + plan.width,
+                           f"unreadable region on the GPU decoder ({type(exc).__name__}: {exc})")
+            return _Staged.checked(plan, self.grid, [area])
+        return _Staged(plan, device_pixels=pixels, owner=owner, cells_read=plan.n_cells)
 
     def close(self) -> None:
         self._local = threading.local()
@@ -351,7 +372,7 @@ class CudaEngine:
             run.close()
         attrs = {"precision": run.precision_attrs, "decode": decode_attrs, "cuda_graph": self.graphs,
                  "batches_in_flight": len(self.slots)}
-        return StreamResult(run.invalid, attrs)
+        return StreamResult(run.failures.bad_cells, attrs)
 
     def reference_encoder(self) -> Encoder:
         """The encoder in fp32 on this device: what the half-precision error is measured against."""
@@ -381,7 +402,7 @@ class CudaEngine:
         return CpuDecoder(job, ring, self.c.workers)
 
     def _gpu_decoder(self, job: SlideJob) -> GpuDecoder:
-        return GpuDecoder(job.reader.path, job.level, job.reader.level_downsamples[job.level], self.device)
+        return GpuDecoder(job.reader.path, job.level, job.reader.level_downsamples[job.level], job.grid, self.device)
 
     def _measure_decoders(self, job: SlideJob) -> dict[str, Any]:
         """Time one region decoded each way and pick the higher estimated throughput:
@@ -440,14 +461,13 @@ class _SlideRun:
         self.writer = TileWriter(job.store, max_pending=len(self.tiles.device_buffers))
         self.releaser = EventReleaser()
         self.batch = _DeviceBatch(self)
-        self.invalid = 0
+        self.failures = ReadFailures()
+        self.bad_values = torch.zeros((), dtype=torch.int64, device=engine.device)  # non-finite embeddings, counted on the GPU
         self.precision_attrs: dict[str, Any] = {"dtype": str(self.c.dtype).removeprefix("torch.")}
         self.wait = {"batch_wait_s": 0.0, "tile_wait_s": 0.0}
 
     def stream(self) -> None:
         decoder = self.decoder
-        failed: list[str] = []
-        read = 0
         with ThreadPoolExecutor(decoder.threads, thread_name_prefix="nic-fast-read") as pool:
             in_flight: deque[Future[_Staged]] = deque()
             for tile, cells in self.job.tiles:
@@ -457,13 +477,14 @@ class _SlideRun:
                     continue
                 in_flight.append(pool.submit(decoder, RegionPlan.of(self.job.grid, tile, cells)))
                 if len(in_flight) >= decoder.lookahead:
-                    read += 1
-                    self._consume(in_flight.popleft(), failed)
+                    self._consume(in_flight.popleft())
             while in_flight:
-                read += 1
-                self._consume(in_flight.popleft(), failed)
+                self._consume(in_flight.popleft())
         self.batch.flush()
-        fail_if_unreadable(self.job.reader, failed, read)
+        self.failures.check(self.job.reader)
+        bad = int(self.bad_values)  # the one host sync of the check, once per slide
+        if bad:
+            raise_bad_values(self.c, bad, self.batch.encoded * self.c.code_size)
 
     def close(self) -> None:
         """Wait for the queued work, then let the writer and releaser finish."""
@@ -477,16 +498,18 @@ class _SlideRun:
                 self.releaser.close()
                 self.timings.extra.update(self.wait)
 
-    def _consume(self, future: Future[_Staged], failed: list[str]) -> None:
+    def _consume(self, future: Future[_Staged]) -> None:
         t0 = time.perf_counter()
         staged = future.result()
         self.timings.read_wait_s += time.perf_counter() - t0
         plan = staged.plan
         tile = self._device_tile(plan.tile)
-        if staged.error:  # the tile's only region: it is finished, its tissue cells not valid
-            failed.append(staged.error)
-            self.invalid += plan.n_cells
-            tile.valid[plan.local_cells[:, 0], plan.local_cells[:, 1]] = False
+        self.failures.add(staged.cells_read, staged.reasons)
+        if len(staged.failed_cells):
+            tile.valid[staged.failed_cells[:, 0], staged.failed_cells[:, 1]] = False
+            for reason, n in staged.reasons.items():
+                tile.invalid[reason] = tile.invalid.get(reason, 0) + n
+        if plan.n_cells == 0:  # the tile's only region: it is finished, its tissue cells not valid
             self.finish_tile(tile)
             return
         if staged.slot is not None:
@@ -550,7 +573,8 @@ class _SlideRun:
             tile.host.copy_(tile.embeddings, non_blocking=True)
             copied = _host_event()
             copied.record(self.e.download)
-        self.writer.put(WriteJob(tile.tile, tile.host.numpy(), tile.valid, ready=copied.synchronize,
+        self.writer.put(WriteJob(tile.tile, tile.host.numpy(), tile.valid, tile.invalid, tile.patches,
+                                 ready=copied.synchronize,
                                  release=partial(self.tiles.release, tile.buffer)))
 
 
@@ -571,6 +595,7 @@ class _DeviceBatch:
         self.parts: list[tuple[_DeviceTile, int, np.ndarray, int, int]] = []  # tile, variant, cells, start, count
         self.sample = self.c.dtype != torch.float32  # measure the half-precision error on this slide's first batch
         self.reference_input: torch.Tensor | None = None
+        self.encoded = 0  # patches encoded on this slide
 
     @property
     def slot(self) -> _BatchSlot:
@@ -578,6 +603,7 @@ class _DeviceBatch:
 
     def add(self, region: torch.Tensor, cells: torch.Tensor, plan: RegionPlan, tile: _DeviceTile) -> None:
         tile.pending += plan.n_cells * len(self.c.variants)
+        tile.patches += plan.n_cells * len(self.c.variants)
         capacity = len(self.slot.input)
         for variant in self.c.variants:
             start = 0
@@ -610,6 +636,8 @@ class _DeviceBatch:
             return
         slot, filled = self.slot, self.filled
         embeddings = slot.encode(self.c.encoder, filled)
+        self.run.bad_values += (~(embeddings.abs() <= FLOAT16_MAX)).sum()  # NaN compares False: counted
+        self.encoded += filled
         host_cells = slot.host_cells.numpy()
         for _, _, cells, start, count in self.parts:
             host_cells[start : start + count] = cells

@@ -4,29 +4,38 @@ Zarr-python 3 decodes every chunk through its asyncio machinery (one event-loop 
 trip per read plus a thread hand-off per chunk), about 0.5 ms per chunk: a 64×64-cell
 crop touching 16 chunks costs ~10 ms, which starves the CNN. For the layout
 ``compress`` writes (a local directory store, little-endian bytes + Zstd, no sharding)
-this reader opens and decodes the chunk files itself (~40 µs each); any other layout
-is read through Zarr unchanged. Zarr's metadata still says where each chunk lives and
-what a missing chunk holds (its fill value).
+this reader opens and decodes the chunk files itself (~40 µs each), verifying each
+chunk's CRC-32C where the store has one (format 2); any other layout is read through
+Zarr unchanged. Zarr's metadata still says where each chunk lives. A format-2 store
+writes every chunk, so a missing one is damage (:class:`StoreError`); a format-1 store
+skipped chunks holding only the fill value, which is what a missing one holds there.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import zarr
 from numcodecs import Zstd
-from zarr.codecs import BytesCodec, ZstdCodec
+from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
+
+from nic_fast.store import StoreError
 
 __all__ = ["EmbeddingReader"]
 
 _ZSTD = Zstd()
 
 
-def _direct_root(array: zarr.Array) -> Path | None:
-    """The array's folder when its chunks are plain Zstd-compressed files this reader can decode."""
-    codecs = getattr(array.metadata, "codecs", ())
+def _direct_root(array: zarr.Array) -> tuple[Path, bool] | None:
+    """(the array's folder, whether chunks end in a CRC-32C) when its chunks are Zstd-compressed
+    files this reader can decode."""
+    codecs = list(getattr(array.metadata, "codecs", ()))
+    checksummed = bool(codecs) and isinstance(codecs[-1], Crc32cCodec)
+    if checksummed:
+        codecs = codecs[:-1]
     if len(codecs) != 2 or not isinstance(codecs[0], BytesCodec) or not isinstance(codecs[1], ZstdCodec):
         return None
     endian = codecs[0].endian
@@ -34,7 +43,7 @@ def _direct_root(array: zarr.Array) -> Path | None:
     whole_codes = array.chunks[-1] == array.shape[-1]
     if not little or not whole_codes or not isinstance(array.store, LocalStore):
         return None
-    return Path(array.store.root) / array.path
+    return Path(array.store.root) / array.path, checksummed
 
 
 class EmbeddingReader:
@@ -49,7 +58,8 @@ class EmbeddingReader:
         self.shape: tuple[int, ...] = tuple(self.array.shape)
         self.chunks: tuple[int, ...] = tuple(self.array.chunks)
         self.dtype = np.dtype(self.array.dtype).newbyteorder("<")
-        self._root = _direct_root(self.array)
+        direct = _direct_root(self.array)
+        self._root, self._checksummed = direct if direct else (None, False)
         self._fill = self.array.metadata.fill_value
 
     def __getitem__(self, key: Any) -> np.ndarray:
@@ -81,8 +91,17 @@ class EmbeddingReader:
         return out
 
     def _chunk(self, root: Path, coords: tuple[int, ...]) -> np.ndarray:
+        path = root / self.array.metadata.encode_chunk_key(coords)
         try:
-            data = (root / self.array.metadata.encode_chunk_key(coords)).read_bytes()
-        except FileNotFoundError:  # Zarr does not write chunks that hold only the fill value
-            return np.full(self.chunks, self._fill, self.dtype)
+            data = path.read_bytes()
+        except FileNotFoundError:
+            if self._checksummed:
+                raise StoreError(f"{root.parent}: embeddings chunk {coords} is missing: the store is damaged; run "
+                                 f"`nic-fast verify {root.parent}`, then recompress the slide") from None
+            return np.full(self.chunks, self._fill, self.dtype)  # format 1 skipped chunks of fill values
+        if self._checksummed:
+            data, stored = data[:-4], data[-4:]
+            if np.uint32(google_crc32c.value(data)).tobytes() != stored:
+                raise StoreError(f"{root.parent}: embeddings chunk {coords} is damaged (checksum mismatch); run "
+                                 f"`nic-fast verify {root.parent}`, then recompress the slide")
         return np.frombuffer(_ZSTD.decode(data), self.dtype).reshape(self.chunks)

@@ -1,0 +1,101 @@
+"""One slide under the batch contract: skip, stale, claim, compress, record.
+
+Whoever compresses a slide — this process, a ``--gpus`` worker, a Dask worker, a Slurm
+array task — goes through :func:`process_slide`, so the guarantees are the same
+everywhere: a complete store whose source still matches is skipped; one whose source
+changed is reported stale; otherwise the slide is claimed (or skipped while another
+process holds it), compressed, published only by the claim's owner, and its outcome
+written as its own record.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from nic_fast.batch import claims
+from nic_fast.batch.inputs import SlideInput
+from nic_fast.batch.records import RunInfo, SummaryError, iso_time, write_record
+from nic_fast.compress import Compressor, SlideResult, stale_reason
+from nic_fast.engine.base import ProgressFn
+from nic_fast.store import read_attrs, store_path
+
+__all__ = ["BatchSettings", "process_slide", "record_result"]
+
+log = logging.getLogger(__name__)
+
+
+class BatchSettings:
+    """What every slide of a batch shares besides the compressor: where, who, how."""
+
+    def __init__(self, out_dir: Path, run: RunInfo, *, overwrite: bool = False,
+                 lease_s: float = claims.DEFAULT_LEASE_S) -> None:
+        self.out_dir = Path(out_dir)
+        self.run = run
+        self.overwrite = overwrite
+        self.lease_s = lease_s
+        self.started_at = run.started_epoch
+
+
+def process_slide(compressor: Compressor, item: SlideInput, settings: BatchSettings, *, attempt: int = 1,
+                  on_start: Callable[[Path, int], None] | None = None, progress: ProgressFn | None = None,
+                  ) -> SlideResult:
+    """Compress one slide unless it is done, stale or being done elsewhere; record the outcome."""
+    result = _process(compressor, item, settings, on_start, progress)
+    result.attempts = attempt
+    record_result(settings, item, result)
+    return result
+
+
+def _process(compressor: Compressor, item: SlideInput, settings: BatchSettings,
+             on_start: Callable[[Path, int], None] | None, progress: ProgressFn | None) -> SlideResult:
+    final = store_path(settings.out_dir, item.name)
+    device = str(compressor.device)
+    done = _already_done(final, item.path, settings)
+    if done is not None:
+        return SlideResult(str(item.path), done[0], done[1], str(final), device=device)
+    claim = claims.acquire(final, run_id=settings.run.run_id, lease_s=settings.lease_s)
+    if isinstance(claim, claims.ClaimHeld):
+        return SlideResult(str(item.path), "skipped", claim.reason, str(final), device=device)
+    with claim.kept():
+        done = _already_done(final, item.path, settings)  # published by another process while we claimed
+        if done is not None:
+            return SlideResult(str(item.path), done[0], done[1], str(final), device=device)
+        return compressor.compress_slide(item.path, final, replace=final.exists(), run_id=settings.run.run_id,
+                                         still_owned=claim.still_owned, on_start=on_start, progress=progress)
+
+
+def _already_done(final: Path, slide: Path, settings: BatchSettings) -> tuple[str, str] | None:
+    """(status, reason) when the complete store means there is nothing to do, else None."""
+    attrs = read_attrs(final)
+    if attrs is None and final.exists():
+        return "failed", (f"{final} exists but is not a nic-fast store; move it away or choose another output "
+                          "folder (nothing was overwritten)")
+    if attrs is None or attrs.get("status") != "complete":
+        return None
+    if settings.overwrite and float(attrs.get("completed_at", 0)) < settings.started_at:
+        return None  # --overwrite redoes stores finished before this run, not those another process just made
+    if settings.overwrite:
+        return "skipped", "complete store made during this run by another process"
+    stale = stale_reason(attrs, slide)
+    if stale is not None:
+        return "stale", stale
+    return "skipped", "complete store exists (use --overwrite to redo)"
+
+
+def record_result(settings: BatchSettings, item: SlideInput, result: SlideResult) -> dict[str, Any]:
+    """Write the slide's outcome record; a full disk is logged, never fatal to the batch."""
+    run = settings.run
+    record = {**asdict(result), "host": socket.gethostname(), "pid": os.getpid(), "run_id": run.run_id,
+              "finished_at": iso_time()}
+    if record["grid_shape"] is not None:
+        record["grid_shape"] = list(record["grid_shape"])
+    try:
+        write_record(settings.out_dir, item.name, run.run_id, record)
+    except SummaryError as exc:
+        log.error("%s", exc)
+    return record
