@@ -225,9 +225,9 @@ def test_info_and_incomplete_store(tmp_path, cmu_svs):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
-def test_cuda_options_without_cuda_fail_with_the_fix():
+def test_cuda_options_without_cuda_fail_with_the_fix(tmp_path):
     runner = CliRunner()
-    result = runner.invoke(main, ["compress", "x.svs", "-o", "out", "--device", "cuda"])
+    result = runner.invoke(main, ["compress", "x.svs", "-o", str(tmp_path / "out"), "--device", "cuda"])
     assert result.exit_code != 0 and "sees no CUDA device" in result.output and "--device cpu" in result.output
     with pytest.raises(ValueError, match="--precision fp16 needs a GPU"):
         Compressor(CompressOptions(precision="fp16"))

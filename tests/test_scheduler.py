@@ -55,11 +55,12 @@ def test_largest_first_puts_missing_files_last(slides, tmp_path):
     assert order == [2, 3, 0, 1]
 
 
-def test_gpus_without_cuda_says_to_use_the_cpu(monkeypatch):
+def test_gpus_without_cuda_says_to_use_the_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SchedulerError, match="--device cpu"):
         cuda_devices("0,1")
-    result = CliRunner().invoke(main, ["compress", "x.svs", "-o", "out", "--gpus", "all"])
+    result = CliRunner().invoke(main, ["compress", "x.svs", "-o", str(tmp_path / "out"), "--gpus", "all"])
+    assert not (tmp_path / "out").exists()  # refused before anything is written
     assert result.exit_code != 0 and "sees no CUDA device" in result.output and "--device cpu" in result.output
 
 

@@ -216,8 +216,8 @@ def compress(ctx: click.Context, slides: tuple[Path, ...], out_dir: Path, slides
         check_options(options)
     except (InputError, ValueError, SlideError) as exc:
         raise click.UsageError(str(exc)) from exc
-    _make_output_folder(out_dir)
     devices = _devices(gpus, options.device)
+    _make_output_folder(out_dir)
     _run(ctx, options, items, out_dir, devices, lease_s=lease_s, max_attempts=max_attempts, stuck_s=stuck_s)
 
 
@@ -235,12 +235,14 @@ def _make_output_folder(out_dir: Path) -> None:
 def _devices(gpus: str | None, device: str) -> list[str]:
     from nic_fast.batch.supervisor import SchedulerError, cuda_devices
 
-    if gpus is None:
-        return [device]
     try:
-        return cuda_devices(gpus)
+        if gpus is not None:
+            return cuda_devices(gpus)
+        if device == "cuda":
+            cuda_devices("0")  # a clear message now rather than from a worker that cannot start
+        return [device]
     except SchedulerError as exc:
-        raise click.UsageError(str(exc)) from exc
+        raise click.UsageError(str(exc).replace("--gpus 0", "--device cuda")) from exc
 
 
 def _run(ctx: click.Context, options: object, items: list, out_dir: Path, devices: list[str], **batch: float) -> None:
