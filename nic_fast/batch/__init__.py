@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from nic_fast.batch.inputs import collect_slides, name_stores
-from nic_fast.batch.run import BatchOutcome, run_batch
-from nic_fast.compress import CompressOptions
+if TYPE_CHECKING:  # the claims/records/inputs modules stay importable without torch (cluster clients)
+    from nic_fast.batch.run import BatchOutcome
+    from nic_fast.job import CompressOptions
 
-__all__ = ["BatchOutcome", "compress_slides", "run_batch"]
+__all__ = ["compress_slides"]
 
 
 def compress_slides(slides: Sequence[str | Path], out_dir: str | Path, options: CompressOptions | None = None, *,
@@ -24,5 +24,9 @@ def compress_slides(slides: Sequence[str | Path], out_dir: str | Path, options: 
     ``devices=None`` runs in this process; ``["cpu"]`` or CUDA devices run supervised
     worker processes (a native crash then costs one slide). ``kwargs`` go to :func:`run_batch`.
     """
+    from nic_fast.batch.inputs import collect_slides, name_stores
+    from nic_fast.batch.run import run_batch
+    from nic_fast.job import CompressOptions
+
     items = name_stores(collect_slides([Path(s) for s in slides]), store_names)
     return run_batch(options or CompressOptions(), items, Path(out_dir), devices=devices, **kwargs)

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["DEFAULT_LEASE_S", "Claim", "ClaimHeld", "ClaimInfo", "acquire", "claim_path"]
+__all__ = ["DEFAULT_LEASE_S", "Claim", "ClaimHeld", "ClaimInfo", "acquire", "claim_path", "clear_if_owner_dead"]
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,16 @@ def acquire(store: Path, *, run_id: str, lease_s: float = DEFAULT_LEASE_S) -> Cl
             return Claim(path, created, lease_s, broke=current)
     age_s = _age_s(path) or 0.0
     return ClaimHeld(_read(path), age_s)
+
+
+def clear_if_owner_dead(store: Path) -> bool:
+    """Remove ``store``'s claim when its owner was a process of this machine that is gone
+    (a worker this run killed or lost), so a rerun elsewhere need not wait out the lease."""
+    path = claim_path(store)
+    info = _read(path)
+    if info is None or not info.owner_is_dead():
+        return False
+    return _break(path, info)
 
 
 def _create(path: Path, run_id: str, generation: int) -> ClaimInfo | None:

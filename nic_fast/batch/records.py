@@ -128,7 +128,7 @@ class SummaryBuilder:
         records = self._load_all(self.out_dir / RECORDS_DIR)
         runs = sorted(self._load_all(self.out_dir / RUNS_DIR), key=lambda r: r.get("started_at", ""))
         newest: dict[str, dict[str, Any]] = {}
-        for record in sorted(records, key=lambda r: (r.get("finished_at", ""), r.get("run_id", ""))):
+        for record in sorted(records, key=_finished):
             name = record.get("name")
             if not isinstance(name, str):
                 continue
@@ -162,6 +162,13 @@ class SummaryBuilder:
             if cached[1] is not None:
                 loaded.append(cached[1])
         return loaded
+
+
+def _finished(record: dict[str, Any]) -> tuple[float, str]:
+    """Sort key of records: when the slide finished (seconds since the epoch, ISO text for
+    records written without them)."""
+    epoch = record.get("finished_epoch")
+    return (float(epoch) if isinstance(epoch, (int, float)) else 0.0, str(record.get("finished_at", "")))
 
 
 def _json_files(folder: Path) -> list[Path]:

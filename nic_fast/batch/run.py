@@ -21,7 +21,7 @@ from nic_fast.batch.inputs import SlideInput
 from nic_fast.batch.records import RunInfo, SummaryBuilder, SummaryError, iso_time, write_run
 from nic_fast.batch.slide import BatchSettings, process_slide
 from nic_fast.batch.supervisor import DEFAULT_STUCK_S, DeviceSummary, Scheduler, SchedulerEvent, largest_first
-from nic_fast.compress import CompressOptions, SlideResult
+from nic_fast.job import CompressOptions, SlideResult
 
 __all__ = ["BatchOutcome", "options_json", "run_batch"]
 

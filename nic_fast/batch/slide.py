@@ -12,17 +12,22 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nic_fast.batch import claims
 from nic_fast.batch.inputs import SlideInput
 from nic_fast.batch.records import RunInfo, SummaryError, iso_time, write_record
-from nic_fast.compress import Compressor, SlideResult, stale_reason
-from nic_fast.engine.base import ProgressFn
+from nic_fast.job import SlideResult, stale_reason
 from nic_fast.store import read_attrs, store_path
+
+if TYPE_CHECKING:
+    from nic_fast.compress import Compressor
+
+ProgressFn = Callable[[int], None]
 
 __all__ = ["BatchSettings", "process_slide", "record_result"]
 
@@ -91,7 +96,7 @@ def record_result(settings: BatchSettings, item: SlideInput, result: SlideResult
     """Write the slide's outcome record; a full disk is logged, never fatal to the batch."""
     run = settings.run
     record = {**asdict(result), "host": socket.gethostname(), "pid": os.getpid(), "run_id": run.run_id,
-              "finished_at": iso_time()}
+              "finished_at": iso_time(), "finished_epoch": time.time()}
     if record["grid_shape"] is not None:
         record["grid_shape"] = list(record["grid_shape"])
     try:

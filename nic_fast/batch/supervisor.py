@@ -36,9 +36,11 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+from nic_fast.batch.claims import clear_if_owner_dead
 from nic_fast.batch.inputs import SlideInput
 from nic_fast.batch.slide import BatchSettings, process_slide, record_result
-from nic_fast.compress import CompressOptions, SlideResult, available_cpus
+from nic_fast.job import CompressOptions, SlideResult, available_cpus
+from nic_fast.store import store_path
 
 __all__ = ["DeviceSummary", "Scheduler", "SchedulerError", "SchedulerEvent", "cuda_devices", "largest_first"]
 
@@ -151,7 +153,7 @@ def _worker_main(device: str, options: CompressOptions, settings: BatchSettings,
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
     import torch
 
-    from nic_fast.compress import Compressor
+    from nic_fast.compress import Compressor, failure_reason
 
     if device == "cpu":
         torch.set_num_threads(cpu_threads)
@@ -164,8 +166,6 @@ def _worker_main(device: str, options: CompressOptions, settings: BatchSettings,
     try:
         compressor = Compressor(replace(options, device=device))
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which gives up on this device
-        from nic_fast.compress import failure_reason
-
         send(("init_failed", failure_reason(exc)))
         return
     send(("ready", None))
@@ -279,6 +279,9 @@ class Scheduler:
                     self._reap(workers, pending, run)
         except BaseException:  # Ctrl-C, SIGTERM or a bug here: stop at once, partial stores stay resumable
             _terminate(workers.values())
+            for worker in workers.values():
+                if worker.task is not None:
+                    run.clear_claim(worker.task[0])
             raise
         self._stop(workers)
         return [results[i] for i in range(len(items))], list(summaries.values())
@@ -407,6 +410,7 @@ class Scheduler:
         if attempt < self.max_attempts:
             pending.appendleft((index, attempt + 1))  # to the front: it holds a claim and a partial store
             return
+        run.clear_claim(index)
         hint = _crash_hint(worker.process.exitcode, worker.stuck)
         result = SlideResult(str(item.path), "failed",
                              f"the worker on {worker.label} {reason} while compressing it (attempt {attempt} of "
@@ -453,6 +457,10 @@ class _Run:
     def finish(self, index: int, rank: int, result: SlideResult) -> None:
         self.results[index] = result
         self.summaries[rank].add(result, time.perf_counter() - self.started)
+
+    def clear_claim(self, index: int) -> None:
+        """Drop the claim a dead or stopped worker held on slide ``index``."""
+        clear_if_owner_dead(store_path(self.settings.out_dir, self.items[index].name))
 
 
 def _visible_device(device: str) -> tuple[str, str | None]:

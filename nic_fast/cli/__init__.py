@@ -22,9 +22,11 @@ def main(verbose: int) -> None:
 
 
 def _register() -> None:
-    from nic_fast.cli import compress, encoders, info, synth
+    from nic_fast.cli import compress, encoders, info, summarize, synth, verify
 
     main.add_command(compress.compress)
+    main.add_command(summarize.summarize)
+    main.add_command(verify.verify)
     main.add_command(encoders.encoders)
     main.add_command(info.info)
     main.add_command(synth.synth)

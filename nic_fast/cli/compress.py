@@ -194,7 +194,7 @@ def compress(ctx: click.Context, slides: tuple[Path, ...], out_dir: Path, slides
     may share one output folder: each slide is claimed by one process at a time.
     """
     from nic_fast.batch.inputs import DEFAULT_EXTENSIONS, InputError, collect_slides, name_stores, read_slide_list
-    from nic_fast.compress import CompressOptions, check_options
+    from nic_fast.job import CompressOptions, check_options
     from nic_fast.slides import SlideError
 
     if gpus is not None and device == "cpu":

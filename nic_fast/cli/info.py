@@ -19,6 +19,15 @@ def _resolution(attrs: dict) -> str:
             f"scanned {attrs['scanned_mpp']:.4g})")
 
 
+def _invalid(attrs: dict) -> str:
+    """Not-valid cells with why, e.g. " (181 cells not valid: corrupt JPEG tile ...)"."""
+    reasons = attrs.get("invalid_reasons") or {}
+    if not reasons:
+        return ""
+    top = max(reasons, key=reasons.get)
+    return f" ({sum(reasons.values())} cells not valid, {reasons[top]} of them: {top})"
+
+
 @click.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the full nic_fast attributes as JSON.")
@@ -42,7 +51,9 @@ def info(store: Path, as_json: bool) -> None:
         ("µm/px", _resolution(a)),
         ("patch / stride px", f"{a['patch_px']} / {a['stride_px']}"),
         ("tissue fraction", f"{a['tissue_fraction']:.1%} ({int(slide.tissue.sum())} cells)"),
-        ("valid fraction", f"{slide.valid.mean():.1%}"),
+        ("valid fraction", f"{slide.valid.mean():.1%}" + _invalid(a)),
+        ("format", f"{a.get('format_version', 1)}" + (" (chunks checksummed)" if a.get("format_version", 1) >= 2 else
+                                                     "")),
         ("thumbnail", "×".join(map(str, slide.thumbnail.shape))),
         ("seconds", f"{a['timings']['total_s']:.2f}"),
         ("status", a["status"]),

@@ -36,6 +36,7 @@ __all__ = [
     "EncoderOutputError",
     "background_tile",
     "check_embeddings",
+    "check_output",
     "encode_to_host",
     "BadArea",
     "ReadFailures",
@@ -97,20 +98,32 @@ def encode_to_host(config: EngineConfig, patches: torch.Tensor) -> np.ndarray:
 
 
 def check_embeddings(config: EngineConfig, embeddings: np.ndarray) -> None:
-    """Raise :class:`EncoderOutputError` unless every value is finite and fits float16."""
-    if embeddings.ndim != 2 or embeddings.shape[1] != config.code_size:
-        raise EncoderOutputError(f"encoder {config.encoder.spec.name!r} returned shape {tuple(embeddings.shape)} for "
-                                 f"{len(embeddings)} patches, but its spec says code_size {config.code_size}; "
+    """Raise :class:`EncoderOutputError` unless the shape is the spec's and every value is
+    finite and fits float16."""
+    check_output(config.encoder.spec.name, config.code_size, embeddings)
+
+
+def check_output(encoder_name: str, code_size: int, embeddings: np.ndarray) -> None:
+    if embeddings.ndim != 2 or embeddings.shape[1] != code_size:
+        raise EncoderOutputError(f"encoder {encoder_name!r} returned shape {tuple(embeddings.shape)} for "
+                                 f"{len(embeddings)} patches, but its spec says code_size {code_size}; "
                                  "fix the encoder file's spec (nic_fast.encoders.save_encoder checks it)")
-    bad = int(np.count_nonzero(~(np.abs(embeddings) <= FLOAT16_MAX)))  # NaN compares False: counted too
-    if bad:
-        raise_bad_values(config, bad, embeddings.size)
+    finite = np.isfinite(embeddings)
+    if finite.all() and not (np.abs(embeddings) > FLOAT16_MAX).any():
+        return
+    counts = {"NaN": int(np.isnan(embeddings).sum()), "infinite": int(np.isinf(embeddings).sum()),
+              "beyond float16's range (±65504)": int((np.abs(embeddings[finite]) > FLOAT16_MAX).sum())}
+    found = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
+    raise EncoderOutputError(f"encoder {encoder_name!r} returned {found} values (of {embeddings.size}); the slide is "
+                             "not stored. Check the encoder's normalisation and weights, or run it in fp32 "
+                             "(--precision fp32)")
 
 
 def raise_bad_values(config: EngineConfig, bad: int, total: int) -> None:
-    raise EncoderOutputError(f"encoder {config.encoder.spec.name!r} returned {bad} of {total} values that are NaN, "
-                             f"±inf or beyond float16's range (±{FLOAT16_MAX:g}); the slide is not stored. Check the "
-                             "encoder's normalisation and weights (or run it in fp32 with --precision fp32)")
+    """The GPU engine counts bad values on the device, without telling the kinds apart."""
+    raise EncoderOutputError(f"encoder {config.encoder.spec.name!r} returned {bad} NaN, infinite or beyond "
+                             f"float16's range (±65504) values (of {total}); the slide is not stored. Check the "
+                             "encoder's normalisation and weights, or run it in fp32 (--precision fp32)")
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ def read_inputs(csv_path: str | Path, task: Task, *, stores_dir: str | Path | No
         raise InputError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     if not csv_path.is_file():
         raise InputError(f"{csv_path}: no such file; give a CSV with columns store,label[,fold]")
-    with open(csv_path, newline="") as f:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # a BOM (Excel) is not part of the first column
         reader = csv.DictReader(f)
         columns = set(reader.fieldnames or [])
         rows = list(reader)
