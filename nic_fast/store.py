@@ -180,7 +180,8 @@ def open_store(path: str | os.PathLike) -> CompressedSlide:
                          "upgrade nic-fast")
     with _quiet_zarr():
         group = zarr.open_group(path, mode="r")
-    missing_arrays = [name for name in DENSE_ARRAYS if name not in group]
+    # consolidated metadata still lists a deleted array: look for each array's own metadata
+    missing_arrays = [name for name in DENSE_ARRAYS if name not in group or not (path / name / "zarr.json").is_file()]
     if missing_arrays:
         raise StoreError(f"{path}: array(s) {', '.join(missing_arrays)} missing: the store is damaged; "
                          "recompress the slide (nic-fast compress --overwrite)")
@@ -252,11 +253,10 @@ def verify_store(path: str | os.PathLike) -> list[StoreProblem]:
             group = zarr.open_group(path, mode="r")
     except Exception as exc:  # noqa: BLE001 - damaged metadata has no common exception type
         raise StoreError(f"{path}: the store's metadata cannot be read ({exc}); recompress the slide") from exc
-    problems = [StoreProblem(name, (), "array missing", None) for name in DENSE_ARRAYS if name not in group]
+    present = [name for name in DENSE_ARRAYS if name in group and (path / name / "zarr.json").is_file()]
+    problems = [StoreProblem(name, (), "array missing", None) for name in DENSE_ARRAYS if name not in present]
     dense = attrs.get("format_version", 1) >= 2 if attrs else False
-    for name in DENSE_ARRAYS:
-        if name not in group:
-            continue
+    for name in present:
         array = group[name]
         missing = set(_missing_chunks(array)) if dense else set()
         for coords in _chunk_grid(array):
