@@ -20,18 +20,22 @@ TILE_CELLS = 16
 
 def write_store(path: Path, embeddings: np.ndarray, tissue: np.ndarray, *, valid: np.ndarray | None = None,
                 background: str = "blank", encoder_source: str = "builtin:mean-rgb",
-                stride_px: int = 128, mpp: float | None = 0.5, scanned_mpp: float | None = 0.5,
+                encoder_name: str = "mean-rgb", encoder_sha256: str = "ab" * 32, stride_px: int = 128,
+                patch_px: int | None = None, mpp: float | None = 0.5, scanned_mpp: float | None = 0.5,
                 thumbnail_downsample: float = 16.0) -> Path:
     """A complete store holding exactly ``embeddings`` (A, H, W, C) and the given masks
-    (µm/px None: a plain image in pixel units, as ``compress --mpp none`` writes)."""
+    (µm/px None: a plain image in pixel units, as ``compress --mpp none`` writes; patch_px
+    None: the stride)."""
     variants, height, width, code_size = embeddings.shape
     valid = np.ones((height, width), bool) if valid is None else valid
     thumb_cells = stride_px * (mpp / scanned_mpp if mpp and scanned_mpp else 1) / thumbnail_downsample
     thumbnail = np.full((max(1, round(height * thumb_cells)), max(1, round(width * thumb_cells)), 3), 230, np.uint8)
-    attrs = {"background": background, "encoder": {"source": encoder_source}, "stride_px": stride_px,
-             "patch_px": stride_px, "mpp": mpp, "scanned_mpp": scanned_mpp, "downsample": 1,
-             "thumbnail_downsample": thumbnail_downsample, "grid_shape": [height, width]}
-    geometry = CellGeometry(stride_px=stride_px, patch_px=stride_px, level0_px_per_px=(mpp / scanned_mpp
+    attrs = {"background": background, "stride_px": stride_px, "patch_px": patch_px or stride_px, "mpp": mpp,
+             "scanned_mpp": scanned_mpp, "downsample": 1, "thumbnail_downsample": thumbnail_downsample,
+             "grid_shape": [height, width],
+             "encoder": {"source": encoder_source, "name": encoder_name, "sha256": encoder_sha256,
+                         "code_size": code_size}}
+    geometry = CellGeometry(stride_px=stride_px, patch_px=patch_px or stride_px, level0_px_per_px=(mpp / scanned_mpp
                             if mpp and scanned_mpp else 1.0), level0_mpp=scanned_mpp if mpp else None,
                             thumbnail_downsample=thumbnail_downsample)
     writer = StoreWriter(path, variants=variants, grid_shape=(height, width), code_size=code_size,

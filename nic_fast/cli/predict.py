@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from nic_fast.cli.options import device_option, output_option
 from nic_fast.store import StoreError
 from nic_fast.train.fit import RunError, TrainedRun
 from nic_fast.train.evaluate import predict_store
@@ -25,11 +26,10 @@ def _prediction_fields(task: str, prediction: np.ndarray) -> dict[str, str]:
 @click.command()
 @click.argument("run_dir", metavar="RUN", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("stores", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("-o", "--out", "out_csv", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="CSV with one row per store.")
+@output_option("out_csv", dir_okay=False, old_names=("--out",), help="CSV with one row per store.")
 @click.option("--tta-crops", type=click.IntRange(1), default=None,
               help="Test crops per slide (× 8 transforms) [default: the run's].")
-@click.option("--device", default="cpu", show_default=True)
+@device_option("Where the networks run.")
 def predict(run_dir: Path, stores: tuple[Path, ...], out_csv: Path, tta_crops: int | None, device: str) -> None:
     """Predict stores with a trained run: P(label 1), the class and its probabilities, or the value.
 

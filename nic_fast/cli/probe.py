@@ -9,6 +9,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from nic_fast.cli.options import device_option, output_option
 from nic_fast.encoder_training.patch_files import load_patch_set
 from nic_fast.encoder_training.probe import ProbeConfig, ProbeReport, probe
 from nic_fast.encoders import EncoderError, load_encoder
@@ -27,14 +28,14 @@ def _table(report: ProbeReport) -> Table:
 @click.command("probe")
 @click.argument("encoder")
 @click.argument("patches", type=click.Path(exists=True, path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="JSON report: accuracy overall and per class, confusion matrix, split sizes.")
+@output_option("output", dir_okay=False,
+               help="JSON report: accuracy overall and per class, confusion matrix, split sizes.")
 @click.option("--mnist-9px", is_flag=True, help="PATCHES is an MNIST .npz: probe on the binarised 9-px glyphs.")
 @click.option("--epochs", default=30, show_default=True, type=click.IntRange(1), help="Head training epochs.")
 @click.option("--test-fraction", default=0.3, show_default=True, type=click.FloatRange(0, 1, min_open=True,
                                                                                        max_open=True))
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@device_option("Where the encoder and the head run.")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="CPU threads for PyTorch [default: PyTorch's]; 1 is faster on a busy machine.")
 def probe_command(encoder: str, patches: Path, output: Path, mnist_9px: bool, epochs: int, test_fraction: float,

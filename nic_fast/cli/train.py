@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from nic_fast.cli.options import AliasedOption, device_option, output_option
 from nic_fast.store import StoreError
 from nic_fast.train.data import TASKS, InputError, Rotation, Task, read_inputs
 from nic_fast.train.evaluate import DEFAULT_TTA_CROPS, MetricResult
@@ -63,14 +64,15 @@ def _summary(result: CrossValidation, run_dir: Path) -> Table:
 
 @click.command()
 @click.argument("csv_path", metavar="CSV", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("-o", "--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Run folder: config, folds, logs, checkpoints, predictions, metrics. Rerun to resume.")
+@output_option("run_dir", file_okay=False, old_names=("--out",),
+               help="Run folder: config, folds, logs, checkpoints, predictions, metrics. Rerun to resume.")
 @click.option("--stores", "stores_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder `nic-fast compress -o` wrote: lets CSV name slides (column slide, e.g. synth's "
                    "labels.csv) instead of stores.")
 @click.option("--task", type=click.Choice(TASKS), default="binary", show_default=True)
-@click.option("--crop-px", default=400, show_default=True, type=click.IntRange(1),
-              help="Training crop side in grid cells (pixels of the compressed image).")
+@click.option("--crop-cells", "crop_cells", cls=AliasedOption, hidden_aliases=("--crop-px",), default=400,
+              show_default=True, type=click.IntRange(1),
+              help="Training crop side in grid cells (pixels of the compressed image; the paper's 400).")
 @click.option("--folds", default=4, show_default=True, type=click.IntRange(3),
               help="Partitions: each rotation trains on folds-2, validates on 1, tests on 1.")
 @click.option("--epochs", default=50, show_default=True, type=click.IntRange(1), help="At most this many epochs.")
@@ -92,14 +94,14 @@ def _summary(result: CrossValidation, run_dir: Path) -> Table:
 @click.option("--filters", default=128, show_default=True, type=click.IntRange(1),
               help="Filters of every conv block and width of the dense layer (the paper's 128).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same folds, crops and weights.")
-@click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1...")
+@device_option("Where the network trains (and DALI hands out crops, on a GPU).")
 @click.option("--loader", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True,
               help="Crop loader: DALI when installed (auto), or the PyTorch DataLoader.")
 @click.option("--workers", default=default_workers(), show_default=True, type=click.IntRange(0),
               help="Loader worker processes (DALI needs at least 1).")
 @click.option("--threads", default=None, type=click.IntRange(1),
               help="PyTorch CPU threads [default: the cores the loader workers leave free].")
-def train(csv_path: Path, run_dir: Path, stores_dir: Path | None, task: Task, crop_px: int, folds: int, epochs: int,
+def train(csv_path: Path, run_dir: Path, stores_dir: Path | None, task: Task, crop_cells: int, folds: int, epochs: int,
           crops_per_slide: int, batch_size: int, learning_rate: float, tta_crops: int, strides: tuple[int, ...],
           dropout: float, filters: int, seed: int, device: str, loader: Backend, workers: int,
           threads: int | None) -> None:
@@ -112,7 +114,7 @@ def train(csv_path: Path, run_dir: Path, stores_dir: Path | None, task: Task, cr
     console = Console(stderr=True)
     try:
         records = read_inputs(csv_path, task, stores_dir=stores_dir)
-        config = FitConfig(task=task, crop_px=crop_px, folds=folds, epochs=epochs, batch_size=batch_size,
+        config = FitConfig(task=task, crop_px=crop_cells, folds=folds, epochs=epochs, batch_size=batch_size,
                            crops_per_slide=crops_per_slide, learning_rate=learning_rate,
                            min_learning_rate=min(1e-5, learning_rate), tta_crops=tta_crops, seed=seed,
                            strides=strides, dropout=dropout, filters=filters)

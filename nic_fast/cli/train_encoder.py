@@ -8,6 +8,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from nic_fast.cli.options import device_option, output_option
 from nic_fast.encoder_training.export import export_encoder
 from nic_fast.encoder_training.fit import FitResult, TrainConfig, TrainingError, fit
 from nic_fast.encoder_training.methods import METHODS
@@ -53,8 +54,8 @@ def _summary(result: FitResult, output: Path, patches: PatchSet, sha256: str) ->
 @click.command("train-encoder")
 @click.argument("method", type=click.Choice(METHODS))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Encoder file to write (.pt TorchScript or .pt2 torch.export), ready for `compress --encoder`.")
+@output_option("output", dir_okay=False,
+               help="Encoder file to write (.pt TorchScript or .pt2 torch.export), ready for `compress --encoder`.")
 @click.option("--code-size", type=click.IntRange(1), default=None,
               help=f"Code size C [default: {DEFAULT_CODE_SIZE}; {MNIST_CODE_SIZE} with --mnist-9px].")
 @click.option("--patch-px", default=128, show_default=True, type=click.IntRange(4),
@@ -67,7 +68,7 @@ def _summary(result: FitResult, output: Path, patches: PatchSet, sha256: str) ->
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(2))
 @click.option("--lr", "learning_rate", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Initial learning rate [default: 1e-3 VAE, 1e-2 contrastive/supervised, 2e-4 BiGAN].")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@device_option("Where the encoder trains.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed and inputs, same encoder.")
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Checkpoint, metrics.csv/json and PNG grids [default: OUTPUT with '.run' added].")

@@ -12,12 +12,19 @@ sets get small tilts instead of turns and mirrors.
 
 Randomness comes from torch's global generator, which the training loop seeds per
 epoch, so a run (and a resumed run) replays the same augmentations.
+
+kornia is imported where the contrastive augmentation is built: it takes about a second
+to import, and nothing else (compress, the other encoders) needs it.
 """
 from __future__ import annotations
 
-import kornia.augmentation as K
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    import kornia.augmentation as K
 
 # Strengths in the units kornia takes: factors for brightness/contrast/saturation, a
 # fraction of the half-turn for hue, [0, 1] intensity for noise, a relative zoom range.
@@ -49,6 +56,8 @@ def random_dihedral(x: torch.Tensor) -> torch.Tensor:
 
 
 def _elastic(patch_px: int) -> K.RandomElasticTransform:
+    import kornia.augmentation as K
+
     sigma = max(1.0, ELASTIC_SIGMA_FRACTION * patch_px)
     kernel = 2 * int(2 * sigma) + 1  # ±2σ covers the Gaussian
     return K.RandomElasticTransform(kernel_size=(kernel, kernel), sigma=(sigma, sigma),
@@ -64,6 +73,8 @@ class HeavyAugment(nn.Module):
     """
 
     def __init__(self, patch_px: int, channels: int, *, upright: bool = False) -> None:
+        import kornia.augmentation as K
+
         super().__init__()
         self.upright = upright
         colour = (

@@ -3,7 +3,9 @@
 A run folder holds everything a run needs to continue or to be used later:
 
 ```
-RUN/config.json            the fit settings and the slide table with folds (checked on resume)
+RUN/config.json            the fit settings, the slide table with folds and the stores' settings
+                           (encoder, µm/px, patch, stride; checked on resume and for every store
+                           predicted or explained later)
 RUN/folds.csv              store, label, fold of every slide
 RUN/rotation_<r>/log.csv   one row per epoch: losses, validation metric, learning rate, speed
 RUN/rotation_<r>/last.pt   weights, optimiser and schedule after the last finished epoch
@@ -16,11 +18,15 @@ RUN/metrics.json           per-rotation and pooled ("All") metrics with bootstra
 Every random choice derives from the run seed, the rotation and the epoch (crops also
 from their index), so an interrupted run that is started again continues from its last
 finished epoch and ends with the weights an uninterrupted run would have had.
+
+Run folders written before the stores' settings were recorded still load; their stores
+are not checked (a warning says so).
 """
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import time
@@ -45,10 +51,15 @@ from nic_fast.train.model import (
     checked_strides,
     parameter_groups,
 )
+from nic_fast.devices import check_device
+from nic_fast.store import open_store
 from nic_fast.train.sampler import StoreSampler
+from nic_fast.train.settings import StoreSettings, consensus
 
 __all__ = ["CrossValidation", "EpochLog", "FitConfig", "FitObserver", "RunError", "RunOptions", "TrainedRun",
            "cross_validate", "read_predictions", "train_rotation"]
+
+log = logging.getLogger(__name__)
 
 _LOG_FIELDS = ("epoch", "train_loss", "val_loss", "val_metric", "learning_rate", "seconds", "crops_per_s")
 
@@ -398,9 +409,10 @@ def read_predictions(path: str | Path, task: Task) -> dict[str, np.ndarray]:
     return {row["store"]: np.array(float(row["prediction"])) for row in rows}
 
 
-def _run_identity(config: FitConfig, records: list[SlideRecord]) -> dict[str, Any]:
+def _run_identity(config: FitConfig, records: list[SlideRecord], settings: StoreSettings) -> dict[str, Any]:
     return {"fit": asdict(config),
-            "slides": [{"store": str(r.store.resolve()), "label": r.label, "fold": r.fold} for r in records]}
+            "slides": [{"store": str(r.store.resolve()), "label": r.label, "fold": r.fold} for r in records],
+            "stores": settings.to_json()}
 
 
 def _same_run(stored: dict[str, Any], config: FitConfig, identity: dict[str, Any]) -> bool:
@@ -417,14 +429,20 @@ def _same_run(stored: dict[str, Any], config: FitConfig, identity: dict[str, Any
     return stored_config == config and stored.get("slides") == identity["slides"]
 
 
-def _start_or_resume(run_dir: Path, config: FitConfig, records: list[SlideRecord]) -> None:
-    """Write config.json, or check that the run there computes the same thing."""
-    identity = _run_identity(config, records)
+def _start_or_resume(run_dir: Path, config: FitConfig, records: list[SlideRecord], settings: StoreSettings) -> None:
+    """Write config.json, or check that the run there computes the same thing on the same kind of stores."""
+    identity = _run_identity(config, records, settings)
     path = run_dir / "config.json"
     if path.exists():
-        if not _same_run(json.loads(path.read_text()), config, identity):
+        stored = json.loads(path.read_text())
+        if not _same_run(stored, config, identity):
             raise RunError(f"{run_dir} holds a run with other settings or slides (see {path}); resume it with the "
                            "same CSV and options, or train into a new folder")
+        recorded = StoreSettings.from_json(stored["stores"]) if "stores" in stored else None
+        if recorded is not None and recorded.differences(settings):
+            raise RunError(f"{run_dir} was started on stores with {recorded.describe()}, but its stores now have "
+                           f"{'; '.join(recorded.differences(settings))} (recompressed since?): train into a new "
+                           "folder, or recompress the slides as they were")
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_json(path, identity)
@@ -443,12 +461,16 @@ def _check_rotations(records: list[SlideRecord], config: FitConfig) -> None:
                            "lack it): add slides of the rare class, or give a 'fold' column that spreads them")
 
 
-def _open_samplers(records: list[SlideRecord]) -> dict[Path, StoreSampler]:
+def _open_samplers(records: list[SlideRecord]) -> tuple[dict[Path, StoreSampler], StoreSettings]:
+    """The stores' samplers and the settings they share; a store that differs is named."""
     samplers = {r.store: StoreSampler.open(r.store) for r in records}
-    code_sizes = {s.code_size for s in samplers.values()}
-    if len(code_sizes) != 1:
-        raise RunError(f"the stores mix code sizes {sorted(code_sizes)}: compress every slide with one encoder")
-    return samplers
+    settings = consensus([s.settings for s in samplers.values()])
+    for store, sampler in samplers.items():
+        found = settings.differences(sampler.settings)
+        if found:
+            raise RunError(f"{store} has {'; '.join(found)}, unlike the run's other stores: compress every slide "
+                           "of a run with the same encoder, --mpp, --patch-px and --stride-px")
+    return samplers, settings
 
 
 def train_rotation(rotation: Rotation, records: list[SlideRecord], config: FitConfig, folder: str | Path,
@@ -461,9 +483,9 @@ def train_rotation(rotation: Rotation, records: list[SlideRecord], config: FitCo
     options, observer = options or RunOptions(), observer or FitObserver()
     if any(r.fold is None for r in records):
         raise RunError("train_rotation needs every record's fold; use cross_validate to assign them")
+    samplers, _ = _open_samplers(records)
     with _torch_threads(options.torch_threads()):
-        return _RotationTrainer(rotation, records, _open_samplers(records), config, options, Path(folder),
-                                observer).run()
+        return _RotationTrainer(rotation, records, samplers, config, options, Path(folder), observer).run()
 
 
 def cross_validate(records: list[SlideRecord], config: FitConfig, run_dir: str | Path,
@@ -477,8 +499,8 @@ def cross_validate(records: list[SlideRecord], config: FitConfig, run_dir: str |
     options, observer = options or RunOptions(), observer or FitObserver()
     records = assign_folds(records, config.folds, config.seed)
     _check_rotations(records, config)
-    _start_or_resume(run_dir, config, records)
-    samplers = _open_samplers(records)
+    samplers, settings = _open_samplers(records)
+    _start_or_resume(run_dir, config, records, settings)
     per_rotation = []
     held_out: dict[str, np.ndarray] = {}
     with _torch_threads(options.torch_threads()):
@@ -497,11 +519,16 @@ def cross_validate(records: list[SlideRecord], config: FitConfig, run_dir: str |
 
 @dataclass(frozen=True)
 class TrainedRun:
-    """A finished run folder, for predicting new stores and drawing heatmaps."""
+    """A finished run folder, for predicting new stores and drawing heatmaps.
+
+    ``store_settings`` is what its training stores shared (None for a run folder written
+    before runs recorded it): every store given to :meth:`models_for` must match it.
+    """
 
     folder: Path
     config: FitConfig
     records: list[SlideRecord]
+    store_settings: StoreSettings | None = None
 
     @classmethod
     def open(cls, folder: str | Path) -> TrainedRun:
@@ -516,14 +543,30 @@ class TrainedRun:
             raise RunError(f"{folder} is unfinished (rotation {missing[0].index} has no done.json): run the same "
                            "`nic-fast train` command again to finish it")
         records = [SlideRecord(Path(s["store"]), s["label"], s["fold"]) for s in identity["slides"]]
-        return cls(folder, config, records)
+        settings = StoreSettings.from_json(identity["stores"]) if "stores" in identity else None
+        if settings is None:
+            log.warning("%s was trained before runs recorded their stores' encoder, µm/px, patch and stride: the "
+                        "stores given to it are not checked against them (train it again to record them)", folder)
+        return cls(folder, config, records, settings)
+
+    def check_store(self, store: str | Path) -> None:
+        """Refuse a store compressed otherwise than the run's training stores, naming what differs."""
+        if self.store_settings is None:
+            return
+        slide = open_store(store)
+        found = self.store_settings.differences(StoreSettings.from_attrs(slide.attrs, slide.code_size))
+        if found:
+            raise RunError(f"{store} has {'; '.join(found)}, unlike the stores run {self.folder} was trained on: "
+                           "compress the slide as those were (encoder, --mpp, --patch-px, --stride-px)")
 
     def models_for(self, store: str | Path, device: str | torch.device = "cpu") -> tuple[list[TrainedModel], str]:
-        """The networks to apply to ``store``, and which they are.
+        """The networks to apply to ``store``, and which they are, after checking the store and the device.
 
         A slide of the run gets the network of the rotation that tested it (one that never
         saw it), so its heatmap and prediction are honest; any other slide gets all of them.
         """
+        device = check_device(device)
+        self.check_store(store)
         key = Path(store).resolve()
         for record in self.records:
             if record.store == key:

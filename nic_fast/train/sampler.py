@@ -27,6 +27,7 @@ from nic_fast.encoders import EncoderError, load_encoder
 from nic_fast.grid import DIHEDRAL, dihedral
 from nic_fast.store import CompressedSlide, StoreError, open_store
 from nic_fast.train.reader import EmbeddingReader
+from nic_fast.train.settings import StoreSettings
 
 __all__ = ["CropSpec", "StoreSampler", "background_embedding", "distance_map", "read_crop"]
 
@@ -124,6 +125,7 @@ class StoreSampler:
         self.path: Path = slide.path
         self.grid_shape: tuple[int, int] = slide.grid_shape
         self.code_size: int = slide.code_size
+        self.settings: StoreSettings = StoreSettings.from_attrs(slide.attrs, slide.code_size)
         self.usable: np.ndarray = slide.tissue & slide.valid
         self.distance: np.ndarray = distance_map(self.usable)
         self.background: np.ndarray = background_embedding(slide)
