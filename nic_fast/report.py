@@ -14,9 +14,11 @@ failed slides first, then the settings, runs and workers. The QC images stay bes
 page as relative links (loaded lazily), not embedded: embedded, thousands of slides
 would make a page of hundreds of MB that a browser cannot open.
 
-The tissue outline is recomputed from the stored thumbnail with the detector compress
-used (:func:`nic_fast.tissue.detect_tissue`; deterministic, so the same mask), because
-a store keeps the per-cell result only.
+The tissue outline is recomputed with the detector compress used
+(:func:`nic_fast.tissue.detect_tissue`), because a store keeps the per-cell result only:
+on the stored thumbnail where it is at most the QC image's size (the very mask compress
+found, the detector being deterministic), on the shrunk image of larger thumbnails (the
+same detector at the resolution drawn, at a sixteenth of the cost for the largest).
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ ENCODED_ALPHA = 0.22
 INVALID_ALPHA = 0.6
 _LEGEND_MIN_WIDTH_PX = 520
 _FONT_PX = 13
+_PNG_COMPRESS_LEVEL = 3  # zlib level: 3.5x faster than the default 6 on a 1024² QC image, 12 % larger
 
 
 def qc_path(out_dir: str | os.PathLike[str], store: str | os.PathLike[str]) -> Path:
@@ -93,18 +96,21 @@ def _level0_px_per_cell(attrs: Mapping[str, Any]) -> float:
     return attrs["stride_px"] * attrs.get("downsample", 1)
 
 
-def _tissue_map(slide: CompressedSlide) -> TissueMap | None:
-    """The tissue detection compress ran on this thumbnail; None for grayscale images,
-    where compress encodes every cell (saturation finds no stain on them)."""
-    thumbnail = slide.thumbnail
+def _tissue_map(slide: CompressedSlide, image: np.ndarray | None = None) -> TissueMap | None:
+    """The tissue detection compress ran, on the thumbnail or on ``image`` (the thumbnail
+    resized); None for grayscale images, where compress encodes every cell (saturation
+    finds no stain on them)."""
+    thumbnail = slide.thumbnail if image is None else image
     if (thumbnail[..., 0] == thumbnail[..., 1]).all() and (thumbnail[..., 1] == thumbnail[..., 2]).all():
         return None
+    image_px_per_thumb_px = thumbnail.shape[1] / slide.thumbnail.shape[1]
     attrs = slide.attrs
     downsample = int(attrs.get("downsample", 1))
     height, width = slide.grid_shape
     grid = GridGeometry(height, width, attrs["patch_px"], attrs["stride_px"], downsample)
     level0_px_per_level_px = _level0_px_per_cell(attrs) / (attrs["stride_px"] * downsample)
-    return detect_tissue(thumbnail, grid, thumb_px_per_level_px=level0_px_per_level_px / attrs["thumbnail_downsample"],
+    image_px_per_level_px = level0_px_per_level_px / attrs["thumbnail_downsample"] * image_px_per_thumb_px
+    return detect_tissue(thumbnail, grid, thumb_px_per_level_px=image_px_per_level_px,
                          min_fraction=attrs.get("min_tissue", 0.1))
 
 
@@ -133,8 +139,9 @@ def _outline(mask: np.ndarray, width_px: int) -> np.ndarray:
     return mask & ~inner
 
 
-def _blend(image: np.ndarray, where: np.ndarray, rgb: tuple[int, int, int], alpha: float) -> None:
-    image[where] = (image[where] * (1 - alpha) + np.asarray(rgb, np.float32) * alpha).astype(np.uint8)
+def _blend(image: Image.Image, where: np.ndarray, rgb: tuple[int, int, int], alpha: float) -> None:
+    """Paint ``rgb`` over ``image`` at ``alpha`` where ``where`` is True (Pillow's C compositing)."""
+    image.paste(rgb, (0, 0), Image.fromarray(where.astype(np.uint8) * round(255 * alpha)))
 
 
 def _font(px: int = _FONT_PX) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -201,28 +208,32 @@ def write_qc_image(store_path: str | os.PathLike[str], out_png: str | os.PathLik
     slide = open_store(store_path)
     scale = _Scale.of(slide, max_px)
     thumbnail = Image.fromarray(slide.thumbnail)
-    resample = Image.Resampling.BOX if scale.size[0] <= thumbnail.width else Image.Resampling.BILINEAR
-    image = np.asarray(thumbnail.resize(scale.size, resample)).copy()
+    shrunk = scale.size[0] < thumbnail.width
+    # reducing_gap=1: an integer box reduction first, the same box average 3x faster on a 4096² thumbnail.
+    image = (thumbnail.resize(scale.size, Image.Resampling.BOX, reducing_gap=1.0) if shrunk
+             else thumbnail.resize(scale.size, Image.Resampling.BILINEAR))
+    # Tissue is found again where it costs least: on a shrunk image rather than a thumbnail
+    # of up to 4096² px (1.7 s at that size), else on the thumbnail itself (the exact mask).
+    tissue = _tissue_map(slide, np.array(image) if shrunk else None)
     line_px = max(1, round(max(scale.size) / 512))
     encoded = _cell_map(slide.tissue, scale.size, scale.cell_px)
     invalid = _cell_map(~slide.valid, scale.size, scale.cell_px)
     _blend(image, encoded, ENCODED_RGB, ENCODED_ALPHA)
-    image[_outline(encoded, line_px)] = ENCODED_RGB
+    _blend(image, _outline(encoded, line_px), ENCODED_RGB, 1.0)
     _blend(image, invalid, INVALID_RGB, INVALID_ALPHA)
-    image[_outline(invalid, line_px)] = INVALID_RGB
-    tissue = _tissue_map(slide)
+    _blend(image, _outline(invalid, line_px), INVALID_RGB, 1.0)
     if tissue is not None:
-        mask = Image.fromarray(tissue.mask.astype(np.uint8) * 255).resize(scale.size, Image.Resampling.BOX)
-        image[_outline(np.asarray(mask) >= 128, line_px)] = TISSUE_RGB
+        mask = Image.fromarray(tissue.mask).resize(scale.size, Image.Resampling.NEAREST)
+        _blend(image, _outline(np.asarray(mask), line_px), TISSUE_RGB, 1.0)
     width = max(scale.size[0], _LEGEND_MIN_WIDTH_PX)
     legend = _legend(slide, scale, width, has_outline=tissue is not None)
     canvas = Image.new("RGB", (width, scale.size[1] + legend.height), "white")
-    canvas.paste(Image.fromarray(image), (0, 0))
+    canvas.paste(image, (0, 0))
     canvas.paste(legend, (0, scale.size[1]))
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     partial = out_png.with_name(f"{out_png.name}.{os.getpid()}.partial")
-    canvas.save(partial, format="PNG")
+    canvas.save(partial, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
     os.replace(partial, out_png)
     return out_png
 
