@@ -40,7 +40,7 @@ demo: install
 	$(NIC) compress $(DEMO)/slides/*.tif -o $(DEMO)/compressed --augment --encoder $(DEMO_ENCODER)
 	$(NIC) info $(DEMO)/compressed/slide_000.zarr
 	$(NIC) train $(DEMO)/slides/labels.csv --stores $(DEMO)/compressed -o $(DEMO)/run \
-	  --crop-px 24 --epochs $(DEMO_EPOCHS) --crops-per-slide 32 --tta-crops 4
+	  --crop-cells 24 --epochs $(DEMO_EPOCHS) --crops-per-slide 32 --tta-crops 4
 	slide=$$(awk -F, '$$2 + 0 == 1 { sub(/\.tif$$/, "", $$1); print $$1; exit }' $(DEMO)/slides/labels.csv); \
 	$(NIC) heatmap $(DEMO)/run $(DEMO)/compressed/$$slide.zarr --mask $(DEMO)/slides/$${slide}_mask.png \
 	  -o $(DEMO)/heatmap.png

@@ -12,7 +12,7 @@ The stores are written with nic-fast's own StoreWriter, as `compress --augment` 
 them out (A = 8, chunks of 16×16 cells × C), holding random float16 codes, which
 compress as badly as learned embeddings do.
 
-Usage: python benchmarks/loader.py [--code-size 128] [--crop-px 128] [--grid 256] [--stores 4]
+Usage: python benchmarks/loader.py [--code-size 128] [--crop-cells 128] [--grid 256] [--stores 4]
        [--workers N] [--batches 12] [--workdir bench-work/loader]
 """
 from __future__ import annotations
@@ -108,7 +108,8 @@ def naive_crops_per_s(source: CropSource, crops: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--code-size", type=int, default=128, help="C (the paper's encoders: 128)")
-    parser.add_argument("--crop-px", type=int, default=128, help="crop side in grid cells (the paper: 400)")
+    parser.add_argument("--crop-cells", "--crop-px", dest="crop_px", type=int, default=128,
+                        help="crop side in grid cells (the paper: 400); --crop-px is the old name")
     parser.add_argument("--grid", type=int, default=256, help="store grid side in cells")
     parser.add_argument("--stores", type=int, default=4)
     parser.add_argument("--workers", type=int, default=default_workers())

@@ -190,7 +190,7 @@ def cli_run(records: list[SlideRecord], tmp_path_factory: pytest.TempPathFactory
     table.write_text("store,label\n" + "".join(f"{r.store},{r.label:g}\n" for r in records))
     result = CliRunner().invoke(main, [
         "train", str(table), "-o", str(folder / "run"), "--strides", "1,2", "--dropout", "0", "--filters", "8", "--folds", "3",
-        "--epochs", "1", "--crop-px", "12", "--crops-per-slide", "2", "--batch-size", "4", "--tta-crops", "1",
+        "--epochs", "1", "--crop-cells", "12", "--crops-per-slide", "2", "--batch-size", "4", "--tta-crops", "1",
         "--loader", "torch", "--workers", "0", "--threads", "1"])
     assert result.exit_code == 0, result.output
     return folder / "run"
