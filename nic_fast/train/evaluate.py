@@ -5,6 +5,9 @@ over its tissue, each under the 8 dihedral transforms: 8·T predictions, average
 probabilities (or values), as in the paper. Metrics: AUC for binary labels, accuracy
 for classes, Spearman's ρ for regression, each with a percentile bootstrap 95 % interval
 over slides.
+
+scipy.stats is imported where a metric is computed: it takes about a second to import,
+which `predict` and `heatmap` (no metric) would otherwise pay.
 """
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.stats import rankdata, spearmanr
 
 from nic_fast.grid import DIHEDRAL
 from nic_fast.train.model import TrainedModel
@@ -29,6 +31,8 @@ DEFAULT_TTA_CROPS = 10
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve (Mann-Whitney U with tied scores counted half); NaN with one class."""
+    from scipy.stats import rankdata
+
     labels = np.asarray(labels) > 0.5
     positives, negatives = int(labels.sum()), int((~labels).sum())
     if positives == 0 or negatives == 0:
@@ -46,6 +50,8 @@ def metric(task: str, labels: np.ndarray, predictions: np.ndarray) -> float:
         return float(np.mean(predictions.argmax(axis=1) == labels))
     if len(labels) < 3 or np.ptp(labels) == 0 or np.ptp(predictions) == 0:
         return float("nan")
+    from scipy.stats import spearmanr
+
     return float(spearmanr(labels, predictions).statistic)
 
 
