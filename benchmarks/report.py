@@ -23,7 +23,7 @@ from machine import describe as describe_machine
 from PIL import Image
 
 from nic_fast.compress import CompressOptions, Compressor
-from nic_fast.report import qc_path, write_qc_image, write_report
+from nic_fast.report import STATUS_ORDER, qc_path, write_qc_image, write_report
 from nic_fast.store import StoreWriter, open_store
 from nic_fast.synthetic import write_synthetic_slide
 
@@ -94,12 +94,12 @@ def report_summary(out: Path, slides: int) -> dict:
     rows = [{"slide": f"/data/cohort/slide_{i:05d}.svs", "store": str(out / f"slide_{i:05d}.zarr"),
              "status": "failed" if i % 97 == 0 else "ok", "reason": "SlideError: no µm/px" if i % 97 == 0 else "",
              "seconds": 31.5, "patches": 21000, "patches_per_s": 666.0, "grid_shape": [390, 270],
-             "tissue_fraction": 0.21, "invalid_cells": 2, "invalid_reasons": {"JPEG decode error": 2}, "device": "cuda:0",
-             "attempts": 1, "host": "node-1", "pid": 1, "run_id": "r1", "finished_at": "2025-01-01T00:00:00+00:00"}
+             "tissue_fraction": 0.21, "invalid_cells": 2, "invalid_reasons": {"JPEG decode error": 2},
+             "device": "cuda:0", "attempts": 1, "host": "node-1", "pid": 1, "run_id": "r1",
+             "finished_at": "2025-01-01T00:00:00+00:00"}
             for i in range(slides)]
     return {"nic_fast_version": "bench", "updated_at": "2025-01-01T00:00:00+00:00", "out_dir": str(out),
-            "counts": {"ok": sum(r["status"] == "ok" for r in rows), "failed": sum(r["status"] == "failed" for r in rows),
-                       "skipped": 0, "stale": 0},
+            "counts": {status: sum(r["status"] == status for r in rows) for status in STATUS_ORDER},
             "runs": [{"run_id": "r1", "host": "node-1", "pid": 1, "started_at": "2025-01-01T00:00:00+00:00",
                       "finished_at": None, "command": "nic-fast compress ...", "options": {"mpp": 0.5}}],
             "workers": [], "slides": rows}

@@ -39,7 +39,8 @@ from nic_fast.grid import GridGeometry
 from nic_fast.store import CompressedSlide, open_store
 from nic_fast.tissue import TissueMap, detect_tissue
 
-__all__ = ["QC_DIR", "QC_MAX_PX", "QC_MIN_PX", "REPORT_NAME", "STATUS_ORDER", "qc_path", "write_qc_image", "write_report"]
+__all__ = ["QC_DIR", "QC_MAX_PX", "QC_MIN_PX", "REPORT_NAME", "STATUS_ORDER", "qc_path", "write_qc_image",
+           "write_report"]
 
 QC_DIR = "qc"
 REPORT_NAME = "report.html"
@@ -261,8 +262,8 @@ def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _number(value: object, spec: str, empty: str = "–") -> str:
-    return empty if value is None else format(value, spec)
+def _number(value: object, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
 
 
 def _sorted_slides(slides: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

@@ -108,7 +108,8 @@ def test_qc_marks_encoded_and_invalid_cells_and_outlines_tissue(tmp_path: Path) 
 def test_qc_size_is_bounded(tmp_path: Path, thumb_px: int, expected_px: int) -> None:
     cells = thumb_px // PX_PER_CELL
     thumbnail = _tissue_thumbnail(thumb_px, thumb_px // 2, (thumb_px // 4, thumb_px // 2, 2, thumb_px // 4))
-    store = _store(tmp_path / "s.zarr", thumbnail, np.ones((cells, cells // 2), bool), np.ones((cells, cells // 2), bool))
+    masks = np.ones((cells, cells // 2), bool)
+    store = _store(tmp_path / "s.zarr", thumbnail, masks, masks)
     with Image.open(write_qc_image(store, tmp_path / "qc.png")) as qc:
         assert 0 < qc.height - expected_px <= 100 and qc.width >= expected_px // 2  # image, then the legend
 

@@ -23,7 +23,8 @@ __all__ = ["COMMANDS", "LazyGroup", "main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "compress": ("nic_fast.cli.compress:compress",
                  "Compress whole-slide images into latent grids, one Zarr store per slide."),
-    "encoders": ("nic_fast.cli.encoders:encoders", "Patch encoders: built-ins, encoder files (.pt, .pt2) and Keras import."),
+    "encoders": ("nic_fast.cli.encoders:encoders",
+                 "Patch encoders: built-ins, encoder files (.pt, .pt2) and Keras import."),
     "heatmap": ("nic_fast.cli.heatmap:heatmap",
                 "Grad-CAM on the first conv layer over STORE's whole grid, upsampled onto its thumbnail."),
     "info": ("nic_fast.cli.info:info", "Print a compressed store's metadata, grid shape and tissue fraction."),
