@@ -103,6 +103,7 @@ def _device_invocations(tmp_path: Path) -> dict[str, list[str]]:
 @pytest.mark.parametrize("command", ["train", "predict", "probe", "train-encoder"])
 def test_device_is_checked_the_same_way_everywhere(command: str, tmp_path: Path) -> None:
     args = _device_invocations(tmp_path)[command]
+    assert "--device cpu|cuda|cuda:N" in CliRunner().invoke(main, [command, "--help"]).output
     malformed = CliRunner().invoke(main, [*args, "--device", "gpu"])
     assert malformed.exit_code == 2, malformed.output
     assert "Invalid value for '--device': device 'gpu' is not one of cpu|cuda|cuda:N" in malformed.output

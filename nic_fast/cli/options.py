@@ -70,7 +70,8 @@ class DeviceType(click.ParamType):
 
 def device_option(help: str = "Where PyTorch runs.") -> Callable[[F], F]:  # noqa: A002 - click's name
     """``--device cpu|cuda|cuda:N``, default cpu."""
-    return click.option("--device", type=DeviceType(), default="cpu", show_default=True, help=help)
+    return click.option("--device", type=DeviceType(), metavar=DEVICE_CHOICES, default="cpu", show_default=True,
+                        help=help)
 
 
 class MppParam(click.ParamType):
