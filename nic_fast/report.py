@@ -60,8 +60,19 @@ _PNG_COMPRESS_LEVEL = 3  # zlib level: 3.5x faster than the default 6 on a 1024Â
 
 
 def qc_path(out_dir: str | os.PathLike[str], store: str | os.PathLike[str]) -> Path:
-    """Where the QC image of ``store`` goes: ``OUT/qc/<store name without .zarr>.png``."""
-    return Path(out_dir) / QC_DIR / (Path(store).name.removesuffix(".zarr") + ".png")
+    """Where the QC image of ``store`` goes: ``OUT/qc/<its path below OUT, without .zarr>.png``.
+
+    Store names may have folders (``compress --store-names relative``, for slides that
+    share a file name), so the QC images mirror them; a store outside OUT goes by its name.
+    """
+    out_dir, store = Path(out_dir), Path(store)
+    if store.is_relative_to(out_dir):  # as written: no system calls (a report has thousands)
+        relative = store.relative_to(out_dir)
+    elif store.resolve().is_relative_to(out_dir.resolve()):
+        relative = store.resolve().relative_to(out_dir.resolve())
+    else:
+        relative = Path(store.name)
+    return out_dir / QC_DIR / relative.with_name(relative.name.removesuffix(".zarr") + ".png")
 
 
 # -- the QC image ---------------------------------------------------------------------------
@@ -275,12 +286,15 @@ def _qc_cell(out_dir: Path, slide: Mapping[str, Any]) -> str:
     store = slide.get("store")
     if not store:
         return '<td class="qc">â€“</td>'
-    image = qc_path(out_dir, store)
+    # A record's store name is its path below OUT: exact even where the store path was
+    # written relative to another working directory.
+    name = slide.get("name")
+    image = out_dir / QC_DIR / f"{name}.png" if isinstance(name, str) and name else qc_path(out_dir, store)
     if not image.is_file():
         return '<td class="qc">no QC image</td>'
     href = quote(image.relative_to(out_dir).as_posix())
-    name = _e(Path(store).name)
-    return f'<td class="qc"><a href="{href}"><img src="{href}" loading="lazy" alt="QC of {name}"></a></td>'
+    return (f'<td class="qc"><a href="{href}"><img src="{href}" loading="lazy" '
+            f'alt="QC of {_e(Path(store).name)}"></a></td>')
 
 
 def _invalid_text(slide: Mapping[str, Any]) -> str:

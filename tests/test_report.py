@@ -15,7 +15,8 @@ from PIL import Image
 from test_compress import tissue_image, write_tiff
 
 import nic_fast
-from nic_fast.compress import CompressOptions, Compressor
+from nic_fast.batch import compress_slides
+from nic_fast.compress import CompressOptions
 from nic_fast.encoders import EncoderSpec, save_encoder
 from nic_fast.report import (
     ENCODED_ALPHA,
@@ -33,7 +34,7 @@ from nic_fast.report import (
     write_qc_image,
     write_report,
 )
-from nic_fast.store import StoreWriter
+from nic_fast.store import CellGeometry, StoreWriter
 from nic_fast.synthetic import write_synthetic_slides
 
 PX_PER_CELL = 8  # thumbnail px per grid stride: stride 128 px at 0.5 µm/px, thumbnail downsample 16
@@ -46,8 +47,10 @@ def _store(path: Path, thumbnail: np.ndarray, tissue: np.ndarray, valid: np.ndar
     attrs = {"source": {"name": path.stem + ".tif"}, "mpp": mpp, "scanned_mpp": mpp, "downsample": 1,
              "patch_px": 128, "stride_px": 128, "thumbnail_downsample": thumbnail_downsample, "min_tissue": 0.1,
              "tissue_fraction": float(tissue.mean()), "grid_shape": [height, width]}
+    geometry = CellGeometry(stride_px=128, patch_px=128, level0_px_per_px=1.0, level0_mpp=mpp,
+                            thumbnail_downsample=thumbnail_downsample)
     writer = StoreWriter(path, variants=1, grid_shape=(height, width), code_size=1, tile_cells=16,
-                         thumbnail=thumbnail, tissue=tissue, attrs=attrs, config={})
+                         thumbnail=thumbnail, tissue=tissue, geometry=geometry, attrs=attrs, config={})
     for row, i0 in enumerate(range(0, height, 16)):
         for col, j0 in enumerate(range(0, width, 16)):
             block = valid[i0 : i0 + 16, j0 : j0 + 16]
@@ -135,13 +138,13 @@ def compressed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     spaced = folder / "slide #2 (copy).tif"
     slides[1].path.rename(spaced)
     out = tmp_path_factory.mktemp("out")
-    results = Compressor(CompressOptions(tile_cells=4)).run([slides[0].path, spaced], out)
+    results = compress_slides([slides[0].path, spaced], out, CompressOptions(tile_cells=4)).results
     assert [r.status for r in results] == ["ok", "ok"]
     return out
 
 
 def test_qc_of_real_stores_reuses_compress_tissue_detection(compressed: Path, cmu_svs: Path, tmp_path: Path) -> None:
-    (result,) = Compressor(CompressOptions()).run([cmu_svs], tmp_path)
+    (result,) = compress_slides([cmu_svs], tmp_path).results
     stores = [*compressed.glob("*.zarr"), Path(result.store)]
     for store in stores:
         slide = nic_fast.open_store(store)
@@ -155,7 +158,7 @@ def test_qc_of_real_stores_reuses_compress_tissue_detection(compressed: Path, cm
 def test_qc_of_a_store_with_unreadable_cells(tmp_path: Path, fail_region_reads_at_origin) -> None:
     slide = write_tiff(tmp_path / "s.tif", tissue_image(6 * 128, 6 * 128, seed=6))
     fail_region_reads_at_origin(4 * 128)
-    (result,) = Compressor(CompressOptions(tile_cells=2)).run([slide], tmp_path / "out")
+    (result,) = compress_slides([slide], tmp_path / "out", CompressOptions(tile_cells=2)).results
     assert result.status == "ok" and result.invalid_cells == 4
     qc = np.asarray(Image.open(write_qc_image(result.store, tmp_path / "qc.png")).convert("RGB"))
     cell_px = _Scale.of(nic_fast.open_store(result.store), QC_MAX_PX).cell_px
@@ -173,8 +176,8 @@ def test_qc_of_a_grayscale_plain_image(tmp_path: Path) -> None:
                        sha256="")
     module = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     encoder_file = save_encoder(module, spec, tmp_path / "gray.pt")
-    (result,) = Compressor(CompressOptions(encoder=str(encoder_file), mpp=None)).run([tmp_path / "canvas.png"],
-                                                                                     tmp_path / "out")
+    (result,) = compress_slides([tmp_path / "canvas.png"], tmp_path / "out",
+                                CompressOptions(encoder=str(encoder_file), mpp=None)).results
     assert result.status == "ok", result.reason
     slide = nic_fast.open_store(result.store)
     assert _tissue_map(slide) is None and slide.tissue.all()
@@ -269,6 +272,25 @@ def test_report_lists_every_slide_failed_first_with_links_that_resolve(compresse
     for expected in ("worker died (signal 11)", "JPEG decode error: 3", "42.0 %", "node-2", "810", "no QC image",
                      '"mean-rgb"', "2 run(s)"):
         assert expected in text, expected
+
+
+def test_report_of_a_real_batch(tmp_path: Path) -> None:
+    """The summary compress itself writes, with two slides of one file name in two folders."""
+    for folder in ("a", "b"):
+        write_synthetic_slides(tmp_path / "slides" / folder, 1, size_px=512, seed=len(folder) + ord(folder))
+    slides = [tmp_path / "slides" / folder / "slide_000.tif" for folder in ("a", "b")]
+    out = tmp_path / "out"
+    outcome = compress_slides([*slides, tmp_path / "gone.svs"], out, store_names="relative")
+    stores = [r.store for r in outcome.results if r.status == "ok"]
+    assert len(stores) == 2
+    images = {write_qc_image(store, qc_path(out, store)) for store in stores}
+    assert len(images) == 2 and all(image.is_relative_to(out / "qc") for image in images)  # one per store
+    page = _Page()
+    page.feed(write_report(out, outcome.summary).read_text(encoding="utf-8"))
+    assert [status for status, _ in page.rows] == ["failed", "ok", "ok"]
+    assert sorted(slide for _, slide in page.rows) == sorted(s["slide"] for s in outcome.summary["slides"])
+    linked = {out / unquote(link) for link in page.links if link.endswith(".png")}
+    assert linked == images
 
 
 def test_report_of_many_slides_stays_small(tmp_path: Path) -> None:
