@@ -20,7 +20,8 @@ from nic_fast.synthetic import write_synthetic_slide
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every command name nic-fast has had; scripts depend on them.
-COMMAND_NAMES = {"compress", "encoders", "heatmap", "info", "predict", "probe", "synth", "train", "train-encoder"}
+COMMAND_NAMES = {"compress", "encoders", "heatmap", "info", "predict", "probe", "summarize", "synth", "train",
+                 "train-encoder", "verify"}
 # Not needed to compress: a plain `pip install nic-fast` may lack them (cucim, dali are extras).
 OPTIONAL_PACKAGES = ("kornia", "matplotlib", "nvidia", "cucim", "h5py")
 
