@@ -116,7 +116,9 @@ def test_failed_slides_are_isolated_and_reported(tmp_path, cmu_svs):
     assert status["missing.svs"]["status"] == "failed"
     reason = status["no_mpp.tif"]["reason"]
     assert status["no_mpp.tif"]["status"] == "failed" and "--slide-mpp" in reason and "--slide-mpp-csv" in reason
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.zarr", "records", "runs", "summary.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.zarr", "qc", "records", "report.html", "runs",
+                                                                 "summary.json"]
+    assert (tmp_path / "out" / "qc" / "good.png").is_file()
     # the override rescues the slide without metadata; the good one is skipped, and the summary, rebuilt
     # from both runs' records, keeps its outcome
     result = runner.invoke(main, ["compress", str(good), str(no_mpp), "-o", str(tmp_path / "out"), "--slide-mpp", "0.5"])
@@ -136,7 +138,8 @@ def test_skip_and_overwrite(tmp_path):
     (redo,) = compress([slide], tmp_path / "out", overwrite=True)
     assert redo.status == "ok"
     assert open_store(tmp_path / "out" / "s.zarr").attrs["timings"] != created
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["records", "runs", "s.zarr", "summary.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["qc", "records", "report.html", "runs", "s.zarr",
+                                                                 "summary.json"]
 
 
 def test_interrupted_slide_is_never_visible_and_resumes(tmp_path, conv_encoder, monkeypatch):
@@ -228,7 +231,7 @@ def test_info_and_incomplete_store(tmp_path, cmu_svs):
 def test_cuda_options_without_cuda_fail_with_the_fix(tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["compress", "x.svs", "-o", str(tmp_path / "out"), "--device", "cuda"])
-    assert result.exit_code != 0 and "sees no CUDA device" in result.output and "--device cpu" in result.output
+    assert result.exit_code == 2 and "sees no CUDA device" in result.output and "use cpu" in result.output
     with pytest.raises(ValueError, match="--precision fp16 needs a GPU"):
         Compressor(CompressOptions(precision="fp16"))
     with pytest.raises(ValueError, match="--decode gpu needs --device cuda"):

@@ -22,6 +22,7 @@ from nic_fast.batch.records import RunInfo, SummaryBuilder, SummaryError, iso_ti
 from nic_fast.batch.slide import BatchSettings, process_slide
 from nic_fast.batch.supervisor import DEFAULT_STUCK_S, DeviceSummary, Scheduler, SchedulerEvent, largest_first
 from nic_fast.job import CompressOptions, SlideResult
+from nic_fast.report import write_report
 
 __all__ = ["BatchOutcome", "options_json", "run_batch"]
 
@@ -46,8 +47,10 @@ def options_json(options: CompressOptions) -> dict[str, Any]:
 class _SummaryKeeper:
     """Rebuilds the summary when a slide finishes, at most every SUMMARY_EVERY_S."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, report: bool) -> None:
         self.builder = SummaryBuilder(out_dir)
+        self.out_dir = out_dir
+        self.report = report  # also OUT/report.html
         self.last = 0.0
         self.error = ""
 
@@ -59,8 +62,13 @@ class _SummaryKeeper:
         self.last = time.monotonic()
         try:
             summary = self.builder.write()
+            if self.report:
+                write_report(self.out_dir, summary)
         except SummaryError as exc:
             self.error = str(exc)
+            return None
+        except OSError as exc:
+            self.error = f"cannot write {self.out_dir / 'report.html'}: {exc.strerror or exc}"
             return None
         self.error = ""
         return summary
@@ -68,19 +76,20 @@ class _SummaryKeeper:
 
 def run_batch(options: CompressOptions, items: Sequence[SlideInput], out_dir: Path, *,
               devices: Sequence[str] | None = None, lease_s: float = claims.DEFAULT_LEASE_S, max_attempts: int = 2,
-              stuck_s: float = DEFAULT_STUCK_S, command: str = "",
+              stuck_s: float = DEFAULT_STUCK_S, qc: bool = True, command: str = "",
               on_event: Callable[[SchedulerEvent], None] | None = None,
               on_result: Callable[[SlideResult], None] | None = None) -> BatchOutcome:
     """Compress ``items`` into ``out_dir``.
 
     ``devices``: one supervised worker process per entry (``["cpu"]``, ``["cuda:0", "cuda:1"]``);
-    None compresses in this process (no crash isolation: for libraries and tests).
+    None compresses in this process (no crash isolation: for libraries and tests). ``qc``:
+    a QC image per published store and ``OUT/report.html`` beside the summary.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     run = RunInfo(command=command, options=options_json(options))
-    settings = BatchSettings(out_dir, run, overwrite=options.overwrite, lease_s=lease_s)
-    keeper = _SummaryKeeper(out_dir)
+    settings = BatchSettings(out_dir, run, overwrite=options.overwrite, lease_s=lease_s, qc=qc)
+    keeper = _SummaryKeeper(out_dir, report=qc)
     write_run(out_dir, run)
 
     def finished(result: SlideResult) -> None:

@@ -38,11 +38,12 @@ class BatchSettings:
     """What every slide of a batch shares besides the compressor: where, who, how."""
 
     def __init__(self, out_dir: Path, run: RunInfo, *, overwrite: bool = False,
-                 lease_s: float = claims.DEFAULT_LEASE_S) -> None:
-        self.out_dir = Path(out_dir)
+                 lease_s: float = claims.DEFAULT_LEASE_S, qc: bool = True) -> None:
+        self.out_dir = Path(out_dir).absolute()  # records name stores by absolute path: runs may start anywhere
         self.run = run
         self.overwrite = overwrite
         self.lease_s = lease_s
+        self.qc = qc  # draw OUT/qc/<name>.png for each published store
         self.started_at = run.started_epoch
 
 
@@ -52,8 +53,20 @@ def process_slide(compressor: Compressor, item: SlideInput, settings: BatchSetti
     """Compress one slide unless it is done, stale or being done elsewhere; record the outcome."""
     result = _process(compressor, item, settings, on_start, progress)
     result.attempts = attempt
+    if settings.qc and result.status == "ok" and result.store:
+        _draw_qc(settings, Path(result.store))
     record_result(settings, item, result)
     return result
+
+
+def _draw_qc(settings: BatchSettings, store: Path) -> None:
+    """The store's QC image; a drawing problem is logged, never a failed slide."""
+    from nic_fast.report import qc_path, write_qc_image
+
+    try:
+        write_qc_image(store, qc_path(settings.out_dir, store))
+    except Exception as exc:  # noqa: BLE001 - the store is fine; only its picture is missing
+        log.warning("%s: no QC image (%s: %s)", store, type(exc).__name__, exc)
 
 
 def _process(compressor: Compressor, item: SlideInput, settings: BatchSettings,

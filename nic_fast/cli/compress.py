@@ -15,7 +15,8 @@ from types import FrameType
 
 import click
 
-from nic_fast.cli.options import MppParam
+from nic_fast.cli.options import DeviceType, MppParam, output_option
+from nic_fast.devices import DEVICE_CHOICES
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -127,8 +128,8 @@ class _Display:
 
 @click.command()
 @click.argument("slides", nargs=-1, type=click.Path(path_type=Path))
-@click.option("-o", "--output", "--out", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Folder for the stores (<name>.zarr), their records and summary.json.")
+@output_option("out_dir", old_names=("--out",),
+               help="Folder for the stores (<name>.zarr), their records, summary.json, QC images and report.html.")
 @click.option("--slides-from", "slides_from", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="Text file with one slide path per line (relative to the file's folder), for long "
                                  "lists; combined with SLIDES.")
@@ -152,7 +153,7 @@ class _Display:
 @click.option("--workers", default=None, type=click.IntRange(1),
               help="Reader threads per slide, each with its own slide handle [default: 2 on the CPU, every core "
                    "on a GPU, shared between GPUs].")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+@click.option("--device", type=DeviceType(), metavar=DEVICE_CHOICES, default=None,
               help="Where the encoder runs [default: cpu]; --gpus runs one worker process per GPU.")
 @click.option("--gpus", default=None, metavar="all|0,1,...",
               help="One worker process per listed GPU; slides are handed out largest first.")
@@ -180,13 +181,16 @@ class _Display:
               help="Tries per slide when its worker process dies (a crash, out of memory).")
 @click.option("--stuck-timeout", "stuck_s", default=600.0, show_default=True, type=click.FloatRange(1),
               help="Seconds without progress after which a worker is killed and its slide retried.")
+@click.option("--qc/--no-qc", default=True, show_default=True,
+              help="Draw OUT/qc/<name>.png per slide (tissue outline, encoded and invalid cells, scale bar) and "
+                   "OUT/report.html.")
 @click.pass_context
 def compress(ctx: click.Context, slides: tuple[Path, ...], out_dir: Path, slides_from: Path | None, recursive: bool,
              ext: str | None, store_names: str, encoder: str, mpp: float | None, patch_px: int | None,
              stride_px: int | None, augment: bool, batch_size: int, workers: int | None, device: str | None,
              gpus: str | None, reader: str, precision: str, decode: str, cuda_graph: bool, slide_mpp: float | None,
              slide_mpp_csv: Path | None, min_tissue: float, background: str, overwrite: bool, lease_s: float,
-             max_attempts: int, stuck_s: float) -> None:
+             max_attempts: int, stuck_s: float, qc: bool) -> None:
     """Compress whole-slide images into latent grids, one Zarr store per slide.
 
     SLIDES are files or folders (slides found inside by extension). Each slide runs in a
@@ -197,8 +201,8 @@ def compress(ctx: click.Context, slides: tuple[Path, ...], out_dir: Path, slides
     from nic_fast.job import CompressOptions, check_options
     from nic_fast.slides import SlideError
 
-    if gpus is not None and device == "cpu":
-        raise click.UsageError("--gpus runs the encoder on GPUs: leave out --device cpu, or leave out --gpus")
+    if gpus is not None and device is not None:
+        raise click.UsageError("--gpus picks the GPUs itself: leave out --device, or leave out --gpus")
     if mpp is None and (slide_mpp is not None or slide_mpp_csv is not None):
         raise click.UsageError("--mpp none reads plain images in pixel units, which have no µm/px: leave out "
                                "--slide-mpp and --slide-mpp-csv, or give --mpp in µm/px")
@@ -218,7 +222,7 @@ def compress(ctx: click.Context, slides: tuple[Path, ...], out_dir: Path, slides
         raise click.UsageError(str(exc)) from exc
     devices = _devices(gpus, options.device)
     _make_output_folder(out_dir)
-    _run(ctx, options, items, out_dir, devices, lease_s=lease_s, max_attempts=max_attempts, stuck_s=stuck_s)
+    _run(ctx, options, items, out_dir, devices, lease_s=lease_s, max_attempts=max_attempts, stuck_s=stuck_s, qc=qc)
 
 
 def _make_output_folder(out_dir: Path) -> None:
@@ -235,17 +239,15 @@ def _make_output_folder(out_dir: Path) -> None:
 def _devices(gpus: str | None, device: str) -> list[str]:
     from nic_fast.batch.supervisor import SchedulerError, cuda_devices
 
+    if gpus is None:
+        return [device]  # --device was checked against this machine when parsed
     try:
-        if gpus is not None:
-            return cuda_devices(gpus)
-        if device == "cuda":
-            cuda_devices("0")  # a clear message now rather than from a worker that cannot start
-        return [device]
+        return cuda_devices(gpus)
     except SchedulerError as exc:
-        raise click.UsageError(str(exc).replace("--gpus 0", "--device cuda")) from exc
+        raise click.UsageError(str(exc)) from exc
 
 
-def _run(ctx: click.Context, options: object, items: list, out_dir: Path, devices: list[str], **batch: float) -> None:
+def _run(ctx: click.Context, options: object, items: list, out_dir: Path, devices: list[str], **batch: object) -> None:
     from rich.console import Console
 
     from nic_fast.batch.run import run_batch
@@ -288,4 +290,6 @@ def _report(outcome, out_dir: Path, console) -> None:  # noqa: ANN001
         title = "nic-fast compress" if shown is results else f"nic-fast compress: the {len(shown)} slides not ok"
         out.print(_results_table(shown, title))
     counts = {status: sum(r.status == status for r in results) for status in ("ok", "skipped", "stale", "failed")}
-    console.print(", ".join(f"{n} {status}" for status, n in counts.items() if n) + f"; summary: {out_dir / 'summary.json'}")
+    report = out_dir / "report.html"
+    where = f"; summary: {out_dir / 'summary.json'}" + (f", report: {report}" if report.exists() else "")
+    console.print(", ".join(f"{n} {status}" for status, n in counts.items() if n) + where)
