@@ -115,7 +115,7 @@ class TiffReader(SlideReader):
     def _setup(self, slide_mpp: float | None) -> None:
         pages = self._tiles.pages
         if not pages:
-            raise SlideError(f"{self.path}: a TIFF without images")
+            raise SlideError(f"{self.path}: a TIFF header but no readable image (truncated or damaged?)")
         for level, page in enumerate(pages):
             problem = tifffile_problem(page)
             if problem:
