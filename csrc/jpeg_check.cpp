@@ -560,7 +560,7 @@ std::string check_jpeg_cached(const std::uint8_t* data, std::size_t size, const 
 
 std::string check_jpeg(const std::uint8_t* data, std::size_t size, const std::uint8_t* tables,
                        std::size_t tables_size, const JpegExpect& expect) {
-  HuffmanCache cache;
+  thread_local HuffmanCache cache;  // kept across calls: the tiles of a slide share their tables
   return check_jpeg_cached(data, size, tables, tables_size, expect, cache);
 }
 
@@ -573,8 +573,8 @@ std::vector<std::string> check_jpeg_tiles(int fd, const std::vector<JpegTile>& t
 #pragma omp parallel num_threads(team) if (n > 1 && team > 1)
 #endif
   {
-    std::vector<std::uint8_t> buffer;
-    HuffmanCache cache;
+    thread_local std::vector<std::uint8_t> buffer;
+    thread_local HuffmanCache cache;  // kept across calls: the tiles of a slide share their tables
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 4)
 #endif

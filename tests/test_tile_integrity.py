@@ -112,6 +112,20 @@ def test_read_region_checked_loses_only_the_damaged_tile(
     np.testing.assert_array_equal(again.pixels, clean_levels[backend][:512, :512])
 
 
+def test_check_region_finds_the_tiles_without_decoding(cmu_svs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    """For decoders elsewhere (cuCIM on a GPU): the same verdicts, no backend read."""
+    damaged = _damage(cmu_svs, tmp_path / "damaged.svs", "mid-scan")
+    with open_slide(damaged, backend="cucim") as slide:
+        monkeypatch.setattr(type(slide), "_read_inside", lambda *args: pytest.fail("check_region decoded"))
+        check = slide.check_region(0, 1000, 900, 500, 500)
+        assert check.checked and check.absent == []
+        assert [bad[:4] for bad in check.bad] == [(1000, 900, 1200, 960)]  # clipped to the region
+        assert slide.check_region(0, 0, 0, 500, 500).bad == []
+        monkeypatch.setattr(type(slide), "_tile_access", lambda self: None)
+        assert not slide.check_region(0, 0, 0, 500, 500).checked
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_length_tile_is_absent_and_white(
     cmu_svs: Path, tmp_path: Path, clean_levels: dict[str, np.ndarray], backend: str

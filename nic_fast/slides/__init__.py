@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from nic_fast.slides.base import BadRegion, RegionRead, SlideError, SlideReader
+from nic_fast.slides.base import BadRegion, RegionCheck, RegionRead, SlideError, SlideReader
 from nic_fast.slides.levels import LevelChoice, choose_level
 from nic_fast.slides.mpp import MppError, check_override_mpp, load_mpp_csv, resolve_slide_mpp
 
@@ -22,6 +22,7 @@ __all__ = [
     "BadRegion",
     "LevelChoice",
     "MppError",
+    "RegionCheck",
     "RegionRead",
     "SlideError",
     "SlideReader",

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from nic_fast.slides.tiles import TiffTiles, TileGrid, tiles_of
+from nic_fast.slides.tiles import TiffTiles, TileGrid, TileReport, tiles_of
 
 WHITE = 255
 # Thumbnails are resampled block by block; a block reads about this many level pixels
@@ -62,6 +62,17 @@ class RegionRead:
     pixels: np.ndarray
     bad: list[BadRegion] = field(default_factory=list)
     absent: list[Rect] = field(default_factory=list)
+
+
+@dataclass
+class RegionCheck:
+    """What :meth:`SlideReader.check_region` finds: corrupt tiles (``bad``) and zero-length
+    ones (``absent``), in level pixels clipped to the region; ``checked`` False when the
+    slide's tiles could not be located."""
+
+    bad: list[BadRegion] = field(default_factory=list)
+    absent: list[Rect] = field(default_factory=list)
+    checked: bool = True
 
 
 class SlideReader(abc.ABC):
@@ -126,19 +137,32 @@ class SlideReader(abc.ABC):
         if grid is None:
             self._read_parts(result, level, (y, x), [inside], lambda rect: _blocks(rect, SPLIT_BLOCK_PX))
             return result
-        tiles = list(tiles_of(grid, *inside))
-        report = grid.inspect(access.fd, access.file_size, tiles, verify_deflate=self.verify_deflate,
-                              threads=self.check_threads)
-        for (row, col), why in sorted(report.bad.items()):
-            result.bad.append(BadRegion(*_clip(grid.rect(row, col), inside),
-                                        f"corrupt {grid.codec} tile (row {row}, col {col}): {why}"))
+        report = self._inspect(access, grid, inside)
+        result.bad = _bad_tiles(grid, inside, report)
         self._read_parts(result, level, (y, x), _good_parts(grid, inside, set(report.bad)),
                          lambda rect: [_clip(grid.rect(*tile), rect) for tile in tiles_of(grid, *rect)])
-        for row, col in sorted(report.absent):
-            y0, x0, y1, x1 = _clip(grid.rect(row, col), inside)
+        result.absent = [_clip(grid.rect(*tile), inside) for tile in sorted(report.absent)]
+        for y0, x0, y1, x1 in result.absent:
             out[y0 - y : y1 - y, x0 - x : x1 - x] = WHITE
-            result.absent.append((y0, x0, y1, x1))
         return result
+
+    def check_region(self, level: int, y: int, x: int, height: int, width: int) -> RegionCheck:
+        """The tile checks of :meth:`read_region_checked` without the decode, for callers
+        that decode elsewhere (cuCIM on a GPU): which rectangles hold corrupt or absent
+        tiles. ``checked`` is False when the slide's tiles cannot be located (then only
+        a decoder's own errors can tell)."""
+        inside = self._inside(level, y, x, height, width)
+        access = self._tile_access()
+        grid = access.grid(level) if access is not None else None
+        if grid is None or inside is None:
+            return RegionCheck(checked=grid is not None)
+        report = self._inspect(access, grid, inside)
+        return RegionCheck(_bad_tiles(grid, inside, report),
+                           [_clip(grid.rect(*tile), inside) for tile in sorted(report.absent)])
+
+    def _inspect(self, access: TiffTiles, grid: TileGrid, inside: Rect) -> TileReport:
+        return grid.inspect(access.fd, access.file_size, list(tiles_of(grid, *inside)),
+                            verify_deflate=self.verify_deflate, threads=self.check_threads)
 
     def _read_parts(self, result: RegionRead, level: int, origin: tuple[int, int], parts: list[Rect],
                     split: Callable[[Rect], list[Rect]]) -> None:
@@ -158,15 +182,19 @@ class SlideReader(abc.ABC):
 
     def _blank_region(self, level: int, y: int, x: int, height: int, width: int) -> tuple[np.ndarray, Rect | None]:
         """A white (height, width, channels) array and the part of the request inside the level."""
+        inside = self._inside(level, y, x, height, width)
+        return np.full((height, width, self.channels), WHITE, dtype=np.uint8), inside
+
+    def _inside(self, level: int, y: int, x: int, height: int, width: int) -> Rect | None:
+        """The part of a requested rectangle inside the level (None if nothing is)."""
         if not 0 <= level < self.level_count:
             raise SlideError(f"{self.path}: level {level} does not exist (the slide has {self.level_count})")
         if height < 0 or width < 0:
             raise ValueError(f"region size must not be negative, got {height}x{width}")
-        out = np.full((height, width, self.channels), WHITE, dtype=np.uint8)
         level_h, level_w = self.level_dims[level]
         y0, x0 = max(y, 0), max(x, 0)
         y1, x1 = min(y + height, level_h), min(x + width, level_w)
-        return out, ((y0, x0, y1, x1) if y1 > y0 and x1 > x0 else None)
+        return (y0, x0, y1, x1) if y1 > y0 and x1 > x0 else None
 
     def _tile_access(self) -> TiffTiles | None:
         """Where the checks find this handle's tiles: the file parsed as a TIFF once per
@@ -297,6 +325,11 @@ def _blocks(rect: Rect, block_px: int) -> list[Rect]:
         for by in [y0, *range(y0 - y0 % block_px + block_px, y1, block_px)]
         for bx in [x0, *range(x0 - x0 % block_px + block_px, x1, block_px)]
     ]
+
+
+def _bad_tiles(grid: TileGrid, inside: Rect, report: TileReport) -> list[BadRegion]:
+    return [BadRegion(*_clip(grid.rect(row, col), inside), f"corrupt {grid.codec} tile (row {row}, col {col}): {why}")
+            for (row, col), why in sorted(report.bad.items())]
 
 
 def _good_parts(grid: TileGrid, inside: Rect, bad: set[tuple[int, int]]) -> list[Rect]:
