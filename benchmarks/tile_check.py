@@ -55,14 +55,13 @@ def regions(height: int, width: int) -> list[tuple[int, int, int, int]]:
             for y in range(0, height, REGION_PX) for x in range(0, width, REGION_PX)]
 
 
-def threaded(items: Iterable[object], work: Callable[[object], object], threads: int) -> tuple[float, float]:
-    """(wall s, CPU s of the whole process) to run ``work`` on every item with ``threads``
-    threads. CPU seconds are the steadier cost on a shared machine."""
+def threaded(pool: ThreadPoolExecutor, items: Iterable[object], work: Callable[[object], object]) -> tuple[float, float]:
+    """(wall s, CPU s of the whole process) to run ``work`` on every item in ``pool``.
+    CPU seconds are the steadier cost on a shared machine."""
     items = list(items)
     t0, c0 = time.perf_counter(), time.process_time()
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in pool.map(work, items):
-            pass
+    for _ in pool.map(work, items):
+        pass
     return time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -132,15 +131,18 @@ def measure(path: Path, backends: list[str], threads: int, repeats: int) -> None
     n_bytes = sum(map(len, tiles))
     grid = tile_grid(path)
     for backend in backends:
-        with open_slide(path, backend=backend) as slide:
+        with open_slide(path, backend=backend) as slide, ThreadPoolExecutor(threads) as pool:
             height, width = slide.level_dims[0]
             plan = regions(height, width)
             handles = Handles(slide)
             assert slide.check_region(0, 0, 0, 1, 1).checked, f"{path}: no tile grid to check"
+            # untimed pass: opens each thread's handle, fills the page cache and the table caches
+            threaded(pool, plan, lambda r, handles=handles: handles.get().read_region_checked(0, *r))
             times = best(repeats, {
-                "decode": lambda: threaded(plan, lambda r: handles.get().read_region(0, *r), threads),
-                "checked": lambda: threaded(plan, lambda r: handles.get().read_region_checked(0, *r), threads),
-                "check": lambda: threaded(plan, lambda r: handles.get().check_region(0, *r), threads),
+                name: lambda method=method, plan=plan, handles=handles, pool=pool: threaded(
+                    pool, plan, lambda r: getattr(handles.get(), method)(0, *r))
+                for name, method in (("decode", "read_region"), ("checked", "read_region_checked"),
+                                     ("check", "check_region"))
             })
             handles.close()
         print(f"  {backend:9s} {height}x{width} px, {len(plan)} regions, {grid.rows * grid.cols} {grid.codec} tiles "
@@ -151,21 +153,22 @@ def measure(path: Path, backends: list[str], threads: int, repeats: int) -> None
         print(line("check_region alone", times["check"], times["decode"], f"fraction of {backend}'s decode:"))
 
     fd = os.open(path, os.O_RDONLY)
+    pool = ThreadPoolExecutor(threads)
     try:
         variants = {
-            "walker": lambda: threaded(range(len(tiles)), lambda i: _walk(fd, grid, i), threads),
-            "libjpeg-turbo": lambda: threaded(tiles, lambda t: imagecodecs.jpeg8_decode(t, tables=tables or None),
-                                              threads),
+            "walker": lambda: threaded(pool, range(len(tiles)), lambda i: _walk(fd, grid, i)),
+            "libjpeg-turbo": lambda: threaded(pool, tiles, lambda t: imagecodecs.jpeg8_decode(t, tables=tables or None)),
         }
         try:
             import simplejpeg
 
             whole = [tables[:-2] + tile[2:] if tables else tile for tile in tiles]
-            variants["strict"] = lambda: threaded(whole, lambda d: _strict(simplejpeg, d), threads)
+            variants["strict"] = lambda: threaded(pool, whole, lambda d: _strict(simplejpeg, d))
         except ImportError:
             print("  (simplejpeg is not installed: no strict-decoder comparison; pip install simplejpeg)")
         times = best(repeats, variants)
     finally:
+        pool.shutdown()
         os.close(fd)
     print(f"  bare tiles, one call per tile, {threads} threads:")
     print(line("imagecodecs decode", times["libjpeg-turbo"]))

@@ -92,7 +92,7 @@ def test_uncompressed_strip_reads_only_the_rows_asked_for(tmp_path: Path, monkey
 
 
 def test_huge_compressed_strips_are_refused_with_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import nic_fast.slides.tiff_reader as tiff_reader
+    from nic_fast.slides import tiff_reader
 
     path = tmp_path / "strips.tiff"
     _write(path, "zstd-predictor-strips")

@@ -34,11 +34,6 @@ __all__ = [
 
 # What open_slide(..., backend=...) accepts; "auto" picks one of the next three per file.
 BACKENDS = ("auto", "cucim", "tifffile", "openslide", "image")
-BACKEND_HELP = (
-    "auto: per file (cuCIM for JPEG/uncompressed tiled TIFF, tifffile for other TIFFs, OpenSlide otherwise); "
-    "cucim; tifffile (any TIFF tifffile + imagecodecs decode); openslide; "
-    "image (a plain image in pixel units)"
-)
 # Only TIFF-based files go to cuCIM or the tifffile backend; anything else goes straight
 # to OpenSlide rather than risk a TIFF reader opening, say, an NDPI as a plain TIFF.
 _TIFF_SUFFIXES = frozenset({".svs", ".tif", ".tiff"})
@@ -56,9 +51,10 @@ def open_slide(path: str | Path, *, slide_mpp: float | None = None, backend: str
 
     ``slide_mpp`` overrides the scanned µm/px from the metadata (see
     :func:`resolve_slide_mpp` to get it from ``--slide-mpp``/``--slide-mpp-csv``).
-    ``backend`` is one of :data:`BACKENDS` (see :data:`BACKEND_HELP`): "auto" (default),
-    "cucim", "tifffile", "openslide", or "image" (a plain image in pixel units, µm/px
-    None, grayscale kept as one channel). In auto mode a TIFF-based file goes to the
+    ``backend`` is one of :data:`BACKENDS`: "auto" (default); "cucim" (tiled JPEG or
+    uncompressed TIFF, SVS); "tifffile" (any TIFF tifffile and imagecodecs decode, read
+    tile by tile); "openslide" (vendor formats: NDPI, MRXS, DICOM, ...); or "image" (a
+    plain image in pixel units, µm/px None, grayscale kept as one channel). In auto mode a TIFF-based file goes to the
     backends :func:`nic_fast.slides.tiff_support.auto_backends` lists, in order, each
     kept when it opens the file, finds its µm/px and a small probe read decodes; other
     files go to OpenSlide. A forced cuCIM or OpenSlide refuses files it is known to

@@ -54,7 +54,6 @@ class ImageReader(SlideReader):
 
     def _tile_access(self) -> None:
         """The pixels were decoded whole when the file was opened: nothing left to check."""
-        return None
 
     def reopen(self) -> ImageReader:
         return ImageReader(self.path, pixels=self._pixels)  # read-only sharing: no second decode

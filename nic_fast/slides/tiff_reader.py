@@ -103,7 +103,7 @@ class TiffReader(SlideReader):
         self.path = Path(path)
         try:
             self._tiles = TiffTiles(self.path, strips=True)
-        except Exception as exc:  # noqa: BLE001 - tifffile raises many types for a file that is no TIFF
+        except Exception as exc:  # tifffile raises many types for a file that is no TIFF
             raise SlideError(f"{self.path}: tifffile cannot open it as a TIFF ({exc})") from exc
         try:
             self._setup(slide_mpp)
@@ -173,7 +173,7 @@ class TiffReader(SlideReader):
                     pixels = None if tile is None else tile[iy0 - ty0 : iy1 - ty0, ix0 - tx0 : ix1 - tx0]
             except SlideError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - imagecodecs and tifffile raise many types
+            except Exception as exc:  # imagecodecs and tifffile raise many types
                 raise SlideError(f"{self.path}: cannot decode the {grid.codec} tile (row {row}, col {col}) "
                                  f"of level {level} ({type(exc).__name__}: {exc})") from exc
             if pixels is not None:

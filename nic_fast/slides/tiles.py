@@ -163,7 +163,7 @@ class TileGrid:
                                    clip, (self.tile_h, self.tile_w), self.components, self.jpegtables, threads)
 
     def _uncompressed_problem(self, tile: tuple[int, int], count: int) -> str:
-        y0, x0, y1, x1 = self.rect(*tile)
+        y0, _, y1, _ = self.rect(*tile)
         rows = self.tile_h if self.tiled else y1 - y0
         needed = rows * self.tile_w * self.components * self.sample_bytes
         return "" if count >= needed else f"{count} bytes, an uncompressed tile of this size needs {needed}"
