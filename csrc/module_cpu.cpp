@@ -1,5 +1,6 @@
 // nic_fast._C: the CPU kernels. Always built; needs no CUDA at run time.
 #include <pybind11/pybind11.h>
+#include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
 #ifdef _OPENMP
@@ -7,6 +8,7 @@
 #endif
 
 #include "bindings.h"
+#include "jpeg_check.h"
 #include "kernels.h"
 
 namespace py = pybind11;
@@ -55,6 +57,42 @@ void cell_fraction(py::object mask, py::object out, float stride_px, float size_
   nic::cell_fraction_cpu(mask_data, h, w, out_data, gh, gw, stride_px, size_px);
 }
 
+nic::JpegExpect jpeg_expect(std::pair<int, int> full_hw, std::pair<int, int> clip_hw, int components) {
+  return nic::JpegExpect{full_hw.first, full_hw.second, clip_hw.first, clip_hw.second, components};
+}
+
+std::string check_jpeg(py::buffer data, py::buffer tables, std::pair<int, int> full_hw, std::pair<int, int> clip_hw,
+                       int components) {
+  const py::buffer_info d = data.request(), t = tables.request();
+  if (d.itemsize != 1 || t.itemsize != 1 || d.ndim != 1 || t.ndim != 1)
+    throw py::value_error("check_jpeg: data and tables must be 1-d byte buffers");
+  const nic::JpegExpect expect = jpeg_expect(full_hw, clip_hw, components);
+  py::gil_scoped_release release;
+  return nic::check_jpeg(static_cast<const std::uint8_t*>(d.ptr), d.size, static_cast<const std::uint8_t*>(t.ptr), t.size,
+                         expect);
+}
+
+using Int64s = py::array_t<std::int64_t, py::array::c_style>;
+using Int32s = py::array_t<std::int32_t, py::array::c_style>;
+
+std::vector<std::string> check_jpeg_tiles(int fd, const Int64s& offsets, const Int64s& sizes, const Int32s& clip_hw,
+                                          std::pair<int, int> full_hw, int components, py::buffer tables, int threads) {
+  const std::int64_t n = offsets.size();
+  if (offsets.ndim() != 1 || sizes.ndim() != 1 || sizes.size() != n || clip_hw.ndim() != 2 || clip_hw.shape(0) != n ||
+      clip_hw.shape(1) != 2)
+    throw py::value_error("check_jpeg_tiles: need offsets (n,), sizes (n,) and clip_hw (n, 2) for the same n tiles");
+  const py::buffer_info t = tables.request();
+  if (t.itemsize != 1 || t.ndim != 1) throw py::value_error("check_jpeg_tiles: tables must be a 1-d byte buffer");
+  std::vector<nic::JpegTile> tiles(static_cast<std::size_t>(n));
+  for (std::int64_t i = 0; i < n; ++i) {
+    const std::int64_t offset = offsets.at(i), size = sizes.at(i);
+    if (offset < 0 || size < 0) throw py::value_error("check_jpeg_tiles: negative offset or size");
+    tiles[i] = nic::JpegTile{offset, size, jpeg_expect(full_hw, {clip_hw.at(i, 0), clip_hw.at(i, 1)}, components)};
+  }
+  py::gil_scoped_release release;
+  return nic::check_jpeg_tiles(fd, tiles, static_cast<const std::uint8_t*>(t.ptr), t.size, threads);
+}
+
 int max_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -77,6 +115,14 @@ PYBIND11_MODULE(_C, m) {
         "Saturation/Otsu tissue mask with small-object and small-hole clean-up; returns the threshold.");
   m.def("cell_fraction", &cell_fraction, py::arg("mask"), py::arg("out"), py::arg("stride_px"), py::arg("size_px"),
         "Per-cell fraction of mask pixels, footprints in mask pixels.");
+  m.def("check_jpeg", &check_jpeg, py::arg("data"), py::arg("tables"), py::arg("full_hw"), py::arg("clip_hw"),
+        py::arg("components"),
+        "'' when data (+ shared JPEGTables, may be empty) is a complete, well-formed JPEG stream whose frame is\n"
+        "full_hw or clip_hw (0, 0: unchecked) with `components` components (0: unchecked); else the reason.");
+  m.def("check_jpeg_tiles", &check_jpeg_tiles, py::arg("fd"), py::arg("offsets").noconvert(),
+        py::arg("sizes").noconvert(), py::arg("clip_hw").noconvert(), py::arg("full_hw"), py::arg("components"),
+        py::arg("tables"), py::arg("threads"),
+        "check_jpeg for n tiles read from file descriptor fd (pread), OpenMP across tiles; reasons in tile order.");
   m.def("max_threads", &max_threads, "OpenMP threads the kernels use.");
 #ifdef _OPENMP
   m.attr("openmp") = true;

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import NamedTuple
 
 import numpy as np
+
+from nic_fast.slides.tiles import TiffTiles, TileGrid, TileReport, tiles_of
 
 WHITE = 255
 # Thumbnails are resampled block by block; a block reads about this many level pixels
@@ -22,10 +27,52 @@ _THUMBNAIL_BLOCK_PX = 1024
 # counts as "not coarser": vendors store 16.03 for a nominal 16 and reading the finer
 # level instead would cost 16 times the pixels.
 _DOWNSAMPLE_SLACK = 0.01
+# Without a tile grid, a region whose read fails is retried in blocks of this many level
+# pixels (aligned to the level), so that only the blocks that fail again are lost.
+SPLIT_BLOCK_PX = 256
+_UNSET = object()
+
+Rect = tuple[int, int, int, int]  # (y0, x0, y1, x1) in a level's pixels, ends exclusive
 
 
 class SlideError(Exception):
     """A slide cannot be used; the message names the file and the fix."""
+
+
+class BadRegion(NamedTuple):
+    """Level pixels [y0, y1) x [x0, x1) that could not be read, and why."""
+
+    y0: int
+    x0: int
+    y1: int
+    x1: int
+    reason: str
+
+
+@dataclass
+class RegionRead:
+    """What :meth:`SlideReader.read_region_checked` returns.
+
+    ``pixels`` is the region as ``read_region`` gives it, except that ``bad`` rectangles
+    are white; every other pixel is exactly what a clean read gives. ``absent`` are the
+    zero-length tiles the region touches (no data: white, and valid). Rectangles are in
+    the level's pixels, clipped to the region and the level.
+    """
+
+    pixels: np.ndarray
+    bad: list[BadRegion] = field(default_factory=list)
+    absent: list[Rect] = field(default_factory=list)
+
+
+@dataclass
+class RegionCheck:
+    """What :meth:`SlideReader.check_region` finds: corrupt tiles (``bad``) and zero-length
+    ones (``absent``), in level pixels clipped to the region; ``checked`` False when the
+    slide's tiles could not be located."""
+
+    bad: list[BadRegion] = field(default_factory=list)
+    absent: list[Rect] = field(default_factory=list)
+    checked: bool = True
 
 
 class SlideReader(abc.ABC):
@@ -41,6 +88,12 @@ class SlideReader(abc.ABC):
     level_downsamples: list[float]
     mpp: float
     channels: int = 3  # 3 for RGB slides; 1 for grayscale plain images (ImageReader)
+    # OpenMP threads that check one region's JPEG tiles; 1 because reader threads
+    # (one per handle) already use the cores.
+    check_threads: int = 1
+    # Inflate Deflate tiles to verify their checksum (backends that decode themselves
+    # with zlib get that check from their decode and turn this off).
+    verify_deflate: bool = True
 
     @property
     def level_count(self) -> int:
@@ -58,17 +111,108 @@ class SlideReader(abc.ABC):
         outside the level is white, so callers may read a grid that overhangs the
         slide's right and bottom edges without special cases.
         """
+        out, inside = self._blank_region(level, y, x, height, width)
+        if inside is not None:
+            y0, x0, y1, x1 = inside
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._read_inside(level, y0, x0, y1 - y0, x1 - x0)
+        return out
+
+    def read_region_checked(self, level: int, y: int, x: int, height: int, width: int) -> RegionRead:
+        """``read_region`` that never passes off undecodable or corrupt data as pixels.
+
+        When the slide is a TIFF whose tiles can be located, every compressed tile the
+        region touches is checked from its bytes first (see :mod:`nic_fast.slides.tiles`);
+        corrupt tiles are never handed to the backend and come back as ``bad``. When a
+        read still raises, the region is read again tile by tile (in 256-px blocks
+        where there is no tile grid: MRXS, NDPI, ...), so only the failing tiles are
+        lost. The cost on a clean region is the check alone (see
+        ``benchmarks/tile_check.py``).
+        """
+        out, inside = self._blank_region(level, y, x, height, width)
+        result = RegionRead(out)
+        if inside is None:
+            return result
+        access = self._tile_access()
+        grid = access.grid(level) if access is not None else None
+        if grid is None:
+            self._read_parts(result, level, (y, x), [inside], lambda rect: _blocks(rect, SPLIT_BLOCK_PX))
+            return result
+        report = self._inspect(access, grid, inside)
+        result.bad = _bad_tiles(grid, inside, report)
+        self._read_parts(result, level, (y, x), _good_parts(grid, inside, set(report.bad)),
+                         lambda rect: [_clip(grid.rect(*tile), rect) for tile in tiles_of(grid, *rect)])
+        result.absent = [_clip(grid.rect(*tile), inside) for tile in sorted(report.absent)]
+        for y0, x0, y1, x1 in result.absent:
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = WHITE
+        return result
+
+    def check_region(self, level: int, y: int, x: int, height: int, width: int) -> RegionCheck:
+        """The tile checks of :meth:`read_region_checked` without the decode, for callers
+        that decode elsewhere (cuCIM on a GPU): which rectangles hold corrupt or absent
+        tiles. ``checked`` is False when the slide's tiles cannot be located (then only
+        a decoder's own errors can tell)."""
+        inside = self._inside(level, y, x, height, width)
+        access = self._tile_access()
+        grid = access.grid(level) if access is not None else None
+        if grid is None or inside is None:
+            return RegionCheck(checked=grid is not None)
+        report = self._inspect(access, grid, inside)
+        return RegionCheck(_bad_tiles(grid, inside, report),
+                           [_clip(grid.rect(*tile), inside) for tile in sorted(report.absent)])
+
+    def _inspect(self, access: TiffTiles, grid: TileGrid, inside: Rect) -> TileReport:
+        return grid.inspect(access.fd, access.file_size, list(tiles_of(grid, *inside)),
+                            verify_deflate=self.verify_deflate, threads=self.check_threads)
+
+    def _read_parts(self, result: RegionRead, level: int, origin: tuple[int, int], parts: list[Rect],
+                    split: Callable[[Rect], list[Rect]]) -> None:
+        """Read each part into ``result.pixels``; a part that fails is split once and
+        its pieces read alone, and a piece that fails again becomes a bad rectangle."""
+        oy, ox = origin
+        for part in parts:
+            y0, x0, y1, x1 = part
+            try:
+                result.pixels[y0 - oy : y1 - oy, x0 - ox : x1 - ox] = self._read_inside(level, y0, x0, y1 - y0, x1 - x0)
+            except SlideError as exc:
+                pieces = split(part)
+                if pieces == [part]:
+                    result.bad.append(BadRegion(*part, f"decode error: {exc}"))
+                else:
+                    self._read_parts(result, level, origin, pieces, lambda rect: [rect])
+
+    def _blank_region(self, level: int, y: int, x: int, height: int, width: int) -> tuple[np.ndarray, Rect | None]:
+        """A white (height, width, channels) array and the part of the request inside the level."""
+        inside = self._inside(level, y, x, height, width)
+        return np.full((height, width, self.channels), WHITE, dtype=np.uint8), inside
+
+    def _inside(self, level: int, y: int, x: int, height: int, width: int) -> Rect | None:
+        """The part of a requested rectangle inside the level (None if nothing is)."""
         if not 0 <= level < self.level_count:
             raise SlideError(f"{self.path}: level {level} does not exist (the slide has {self.level_count})")
         if height < 0 or width < 0:
             raise ValueError(f"region size must not be negative, got {height}x{width}")
-        out = np.full((height, width, self.channels), WHITE, dtype=np.uint8)
         level_h, level_w = self.level_dims[level]
         y0, x0 = max(y, 0), max(x, 0)
         y1, x1 = min(y + height, level_h), min(x + width, level_w)
-        if y1 > y0 and x1 > x0:
-            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._read_inside(level, y0, x0, y1 - y0, x1 - x0)
-        return out
+        return (y0, x0, y1, x1) if y1 > y0 and x1 > x0 else None
+
+    def _tile_access(self) -> TiffTiles | None:
+        """Where the checks find this handle's tiles: the file parsed as a TIFF once per
+        handle, or None when it is not one tifffile can parse."""
+        tiles = getattr(self, "_checked_tiles", _UNSET)
+        if tiles is _UNSET:
+            try:
+                tiles = TiffTiles(self.path, self.level_dims)
+            except Exception:  # noqa: BLE001 - not a TIFF: regions rely on the backend's own errors
+                tiles = None
+            self._checked_tiles = tiles
+        return tiles
+
+    def _release_tile_access(self) -> None:
+        tiles = getattr(self, "_checked_tiles", None)
+        if tiles is not None:
+            tiles.close()
+        self._checked_tiles = None
 
     @abc.abstractmethod
     def _read_inside(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
@@ -167,3 +311,53 @@ def rgb_on_white(pixels: np.ndarray) -> np.ndarray:
     alpha16 = alpha.astype(np.uint16)
     blended = (rgb.astype(np.uint16) * alpha16 + WHITE * (WHITE - alpha16) + WHITE // 2) // WHITE
     return blended.astype(np.uint8)
+
+
+def _clip(rect: Rect, bounds: Rect) -> Rect:
+    return max(rect[0], bounds[0]), max(rect[1], bounds[1]), min(rect[2], bounds[2]), min(rect[3], bounds[3])
+
+
+def _blocks(rect: Rect, block_px: int) -> list[Rect]:
+    """``rect`` cut along the level's ``block_px`` grid."""
+    y0, x0, y1, x1 = rect
+    return [
+        (by, bx, min(by - by % block_px + block_px, y1), min(bx - bx % block_px + block_px, x1))
+        for by in [y0, *range(y0 - y0 % block_px + block_px, y1, block_px)]
+        for bx in [x0, *range(x0 - x0 % block_px + block_px, x1, block_px)]
+    ]
+
+
+def _bad_tiles(grid: TileGrid, inside: Rect, report: TileReport) -> list[BadRegion]:
+    return [BadRegion(*_clip(grid.rect(row, col), inside), f"corrupt {grid.codec} tile (row {row}, col {col}): {why}")
+            for (row, col), why in sorted(report.bad.items())]
+
+
+def _good_parts(grid: TileGrid, inside: Rect, bad: set[tuple[int, int]]) -> list[Rect]:
+    """``inside`` minus the ``bad`` tiles, as few rectangles as row bands allow: tile rows
+    without a bad tile merge into bands, the others split into runs of good tiles."""
+    if not bad:
+        return [inside]
+    r0, r1, c0, c1 = grid.span(*inside)
+    parts: list[Rect] = []
+    band_start: int | None = None
+    for row in range(r0, r1 + 1):
+        row_bad = row < r1 and any((row, col) in bad for col in range(c0, c1))
+        if row < r1 and not row_bad:
+            band_start = row if band_start is None else band_start
+            continue
+        if band_start is not None:
+            parts.append(_clip((band_start * grid.tile_h, inside[1], row * grid.tile_h, inside[3]), inside))
+            band_start = None
+        if row_bad:
+            col = c0
+            while col < c1:
+                if (row, col) in bad:
+                    col += 1
+                    continue
+                end = col
+                while end < c1 and (row, end) not in bad:
+                    end += 1
+                parts.append(_clip((row * grid.tile_h, col * grid.tile_w, (row + 1) * grid.tile_h, end * grid.tile_w),
+                                   inside))
+                col = end
+    return parts

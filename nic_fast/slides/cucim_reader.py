@@ -14,10 +14,15 @@ from nic_fast.slides.mpp import (
     evidence_from_tiff_resolution,
     scanned_mpp,
 )
+from nic_fast.slides.tiff_support import forced_fault
 
 
 class CucimReader(SlideReader):
     """A slide read with ``cucim.CuImage`` (CPU decoding; no GPU needed).
+
+    Files cuCIM is known to crash on or to decode wrongly (see
+    :mod:`nic_fast.slides.tiff_support`) are refused before cuCIM sees them, unless
+    ``vetted`` says the caller has already checked.
 
     cuCIM takes the region's location in level-0 pixels and maps it to a level by
     flooring ``location / downsample``; its out-of-image pixels are white for JPEG
@@ -26,10 +31,13 @@ class CucimReader(SlideReader):
 
     backend = "cucim"
 
-    def __init__(self, path: str | Path, *, slide_mpp: float | None = None) -> None:
+    def __init__(self, path: str | Path, *, slide_mpp: float | None = None, vetted: bool = False) -> None:
         from cucim import CuImage  # optional dependency, imported only when this backend is used
 
         self.path = Path(path)
+        fault = None if vetted else forced_fault(self.path, "cucim")
+        if fault:
+            raise SlideError(f"{self.path}: cuCIM {fault}; read it with the tifffile backend (or auto)")
         try:
             self._image = CuImage(str(self.path))
         except Exception as exc:  # cuCIM raises ValueError/RuntimeError with no common base
@@ -62,7 +70,8 @@ class CucimReader(SlideReader):
         return rgb_on_white(np.asarray(region))
 
     def reopen(self) -> CucimReader:
-        return CucimReader(self.path, slide_mpp=self.mpp)
+        return CucimReader(self.path, slide_mpp=self.mpp, vetted=True)
 
     def close(self) -> None:
+        self._release_tile_access()
         self._image.close()

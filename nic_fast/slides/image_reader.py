@@ -52,6 +52,9 @@ class ImageReader(SlideReader):
     def _read_inside(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
         return self._pixels[y : y + height, x : x + width]
 
+    def _tile_access(self) -> None:
+        """The pixels were decoded whole when the file was opened: nothing left to check."""
+
     def reopen(self) -> ImageReader:
         return ImageReader(self.path, pixels=self._pixels)  # read-only sharing: no second decode
 
