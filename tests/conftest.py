@@ -46,18 +46,31 @@ def one_torch_thread():
 
 @pytest.fixture
 def fail_region_reads_at_origin(monkeypatch):
-    """Make every reader fail region reads that start at (0, 0) and are shorter than
-    ``max_height_px`` (tile reads, not the thumbnail), as a JPEG decode error would."""
-    from nic_fast.slides.base import SlideReader
+    """Make every reader's decode fail for reads that start at (0, 0) and are shorter than
+    ``max_height_px`` (tile reads, not the thumbnail), as a JPEG decode error would. The
+    checked read then retries tile by tile, so only the tile at the origin is lost."""
+    import importlib
+
+    from nic_fast.slides.base import SlideError, SlideReader
+
+    for module in ("cucim_reader", "openslide_reader", "tiff_reader", "image_reader"):
+        try:
+            importlib.import_module(f"nic_fast.slides.{module}")
+        except ImportError:  # a backend that is not installed here is never used either
+            pass
 
     def install(max_height_px: int) -> None:
-        original = SlideReader.read_region  # every backend inherits it (they implement _read_inside)
+        def subclasses(cls: type) -> list[type]:
+            return [c for sub in cls.__subclasses__() for c in (sub, *subclasses(sub))]
 
-        def failing(self, level, y, x, height, width):
-            if y == 0 and x == 0 and height < max_height_px:
-                raise OSError("JPEG decode error")
-            return original(self, level, y, x, height, width)
+        for cls in subclasses(SlideReader):
+            original = cls._read_inside
 
-        monkeypatch.setattr(SlideReader, "read_region", failing)
+            def failing(self, level, y, x, height, width, _original=original):
+                if y == 0 and x == 0 and height < max_height_px:
+                    raise SlideError(f"{self.path}: JPEG decode error")  # what the backends raise
+                return _original(self, level, y, x, height, width)
+
+            monkeypatch.setattr(cls, "_read_inside", failing)
 
     return install

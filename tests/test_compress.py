@@ -187,15 +187,18 @@ def test_zero_tissue_gives_complete_empty_store(tmp_path, caplog):
     np.testing.assert_array_equal(store.load(), 1.0)  # the blank background embedding: mean-rgb of white
 
 
-def test_unreadable_region_marks_cells_invalid(tmp_path, fail_region_reads_at_origin):
+def test_an_undecodable_tile_costs_only_the_cells_it_touches(tmp_path, fail_region_reads_at_origin):
     slide = write_tiff(tmp_path / "s.tif", tissue_image(4 * PATCH_PX, 4 * PATCH_PX, seed=6))
-    fail_region_reads_at_origin(4 * PATCH_PX)
+    (clean,) = compress([slide], tmp_path / "clean", tile_cells=2)
+    fail_region_reads_at_origin(4 * PATCH_PX)  # the 2×2-cell region at the origin fails; its tile (0, 0) keeps failing
     (result,) = compress([slide], tmp_path / "out", tile_cells=2)
-    assert result.status == "ok" and result.invalid_cells == 4
-    store = open_store(tmp_path / "out" / "s.zarr")
+    assert result.status == "ok" and result.invalid_cells == 1
+    assert list(result.invalid_reasons) == [f"decode error: {slide}: JPEG decode error"]
+    store, reference = open_store(tmp_path / "out" / "s.zarr"), open_store(tmp_path / "clean" / "s.zarr")
     expected = np.ones((4, 4), bool)
-    expected[:2, :2] = False
+    expected[0, 0] = False
     np.testing.assert_array_equal(store.valid, expected)
+    np.testing.assert_array_equal(store.load()[expected], reference.load()[expected])  # re-read, bit for bit
 
 
 def test_downsample_path_for_quarter_micron_slide(tmp_path):

@@ -21,6 +21,7 @@ import torch
 from nic_fast.encoders import Encoder
 from nic_fast.grid import GridGeometry, Tile
 from nic_fast.slides import SlideError, SlideReader
+from nic_fast.slides.base import BadRegion, RegionRead
 from nic_fast.store import StoreWriter
 
 __all__ = [
@@ -38,9 +39,7 @@ __all__ = [
     "check_embeddings",
     "check_output",
     "encode_to_host",
-    "BadArea",
     "ReadFailures",
-    "RegionRead",
     "bad_cells",
     "read_region",
     "max_region_px",
@@ -167,37 +166,19 @@ class RegionPlan:
         return (top < y1) & (top + patch_px > y0) & (left < x1) & (left + patch_px > x0)
 
 
-@dataclass(frozen=True)
-class BadArea:
-    """Part of a region whose pixels could not be trusted: level pixels [y0, y1) × [x0, x1)."""
-
-    y0: int
-    x0: int
-    y1: int
-    x1: int
-    reason: str
-
-
-@dataclass
-class RegionRead:
-    """A region's pixels (white where unreadable) and the areas that could not be read."""
-
-    pixels: np.ndarray  # uint8 (h, w, channels)
-    bad: list[BadArea] = field(default_factory=list)
-
-
 def read_region(reader: SlideReader, level: int, plan: RegionPlan) -> RegionRead:
-    """Read a plan's region; a decode error costs the region's cells, never the slide."""
+    """Read a plan's region with every tile checked: corrupt or undecodable tiles come back
+    as bad rectangles (white pixels), every other pixel exactly as a clean read gives it.
+    An error the reader could not narrow down to tiles costs the region's cells."""
     try:
-        pixels = reader.read_region(level, plan.y0, plan.x0, plan.height, plan.width)
+        return reader.read_region_checked(level, plan.y0, plan.x0, plan.height, plan.width)
     except Exception as exc:  # noqa: BLE001 - a codec's error has no common type
         return RegionRead(np.empty((0, 0, 0), np.uint8),
-                          [BadArea(plan.y0, plan.x0, plan.y0 + plan.height, plan.x0 + plan.width,
-                                   f"unreadable region ({type(exc).__name__}: {exc})")])
-    return RegionRead(np.ascontiguousarray(pixels))
+                          [BadRegion(plan.y0, plan.x0, plan.y0 + plan.height, plan.x0 + plan.width,
+                                     f"unreadable region ({type(exc).__name__}: {exc})")])
 
 
-def bad_cells(plan: RegionPlan, grid: GridGeometry, areas: list[BadArea]) -> tuple[np.ndarray, dict[str, int]]:
+def bad_cells(plan: RegionPlan, grid: GridGeometry, areas: list[BadRegion]) -> tuple[np.ndarray, dict[str, int]]:
     """bool (n,) of the plan's cells that touch a bad area, and how many per reason (a cell
     touching several areas counts once, under the first)."""
     bad = np.zeros(plan.n_cells, bool)

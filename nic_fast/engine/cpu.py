@@ -29,7 +29,6 @@ from nic_fast.engine.base import (
     ReaderHandles,
     ReadFailures,
     RegionPlan,
-    RegionRead,
     SlideJob,
     StreamResult,
     TileWriter,
@@ -41,6 +40,7 @@ from nic_fast.engine.base import (
     read_region,
 )
 from nic_fast.grid import Tile
+from nic_fast.slides.base import RegionRead
 
 __all__ = ["CpuEngine", "new_batch"]
 

@@ -38,7 +38,6 @@ import torch
 from nic_fast import kernels
 from nic_fast.engine.base import (
     FLOAT16_MAX,
-    BadArea,
     EngineConfig,
     ReadFailures,
     bad_cells,
@@ -56,6 +55,7 @@ from nic_fast.engine.base import (
 )
 from nic_fast.encoders import Encoder, load_encoder
 from nic_fast.grid import GridGeometry, Tile
+from nic_fast.slides.base import BadRegion
 from nic_fast.slides import SlideError
 
 __all__ = ["CpuDecoder", "CudaEngine", "EventReleaser", "GpuDecoder", "StagingRing"]
@@ -207,7 +207,7 @@ class _Staged:
     cells_read: int = 0  # cells of the region before the failed ones were taken out
 
     @classmethod
-    def checked(cls, plan: RegionPlan, grid: GridGeometry, areas: list[BadArea], **where: Any) -> _Staged:
+    def checked(cls, plan: RegionPlan, grid: GridGeometry, areas: list[BadRegion], **where: Any) -> _Staged:
         """The region's good cells to encode, its bad ones (touching ``areas``) set aside."""
         bad, reasons = bad_cells(plan, grid, areas)
         return cls(plan.subset(~bad) if bad.any() else plan, failed_cells=plan.local_cells[bad], reasons=reasons,
@@ -317,7 +317,7 @@ class GpuDecoder:
         try:
             pixels, owner = self.read(plan)
         except Exception as exc:  # noqa: BLE001 - a decode error costs these cells, not the slide
-            area = BadArea(plan.y0, plan.x0, plan.y0 + plan.height, plan.x0 + plan.width,
+            area = BadRegion(plan.y0, plan.x0, plan.y0 + plan.height, plan.x0 + plan.width,
                            f"unreadable region on the GPU decoder ({type(exc).__name__}: {exc})")
             return _Staged.checked(plan, self.grid, [area])
         return _Staged(plan, device_pixels=pixels, owner=owner, cells_read=plan.n_cells)
