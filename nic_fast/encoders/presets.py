@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -46,7 +47,7 @@ class Preset:
     """
 
     name: str
-    title: str
+    title: str  # the model and who published it
     architecture: str
     size_class: str  # ViT-S, ViT-B, ViT-L, ViT-H, ViT-g, Swin-T, CNN: rows of the benchmark
     build: Callable[[], nn.Module]
@@ -56,7 +57,7 @@ class Preset:
     std: tuple[float, float, float]
     code_size: int
     readout: str
-    licence: str
+    licence: str  # short; "gated": the card asks users to request access and accept its terms
     card: str
     weights_file: str
     ignore: tuple[str, ...] = ()
@@ -75,10 +76,8 @@ class Preset:
 
 
 def _vit(config: ViTConfig) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        return VisionTransformer(config)
-
-    return build
+    """A builder whose config stays readable (``preset.build.args[0]``), for tests and tools."""
+    return partial(VisionTransformer, config)
 
 
 # -- HuggingFace transformers layouts (Phikon: ViTModel; Phikon-v2: Dinov2Model) -------------
@@ -128,7 +127,7 @@ def _conch_visual(state: StateDict) -> dict[str, torch.Tensor]:
     return {key.removeprefix("visual."): state[key] for key in state}
 
 
-_MAHMOOD_LICENCE = "CC-BY-NC-ND-4.0, gated: non-commercial academic research, request access on the card"
+_MAHMOOD_LICENCE = "CC-BY-NC-ND-4.0, gated"
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     # https://huggingface.co/MahmoodLab/UNI: timm "vit_large_patch16_224", img_size 224, patch_size 16,
@@ -149,14 +148,14 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("virchow", "Virchow (Paige)", "ViT-H/14, SwiGLU", "ViT-H",
            _vit(ViTConfig(224, 14, 1280, 32, 16, mlp_ratio=5.3375, init_values=1e-5, swiglu=True,
                           readout="class+mean")), 224, 0.5, IMAGENET_MEAN, IMAGENET_STD,
-           2560, "class token + mean patch token", "Apache-2.0, gated: request access on the card",
+           2560, "class token + mean patch token", "Apache-2.0, gated",
            "https://huggingface.co/paige-ai/Virchow", "pytorch_model.bin"),
     # https://huggingface.co/paige-ai/Virchow2: as Virchow with reg_tokens 4; the patch tokens
     # are output[:, 5:] (registers excluded from the mean).
     Preset("virchow2", "Virchow2 (Paige)", "ViT-H/14, SwiGLU, 4 registers", "ViT-H",
            _vit(ViTConfig(224, 14, 1280, 32, 16, mlp_ratio=5.3375, init_values=1e-5, swiglu=True, reg_tokens=4,
                           readout="class+mean")), 224, 0.5, IMAGENET_MEAN, IMAGENET_STD,
-           2560, "class token + mean patch token", "CC-BY-NC-ND-4.0, gated: request access on the card",
+           2560, "class token + mean patch token", "CC-BY-NC-ND-4.0, gated",
            "https://huggingface.co/paige-ai/Virchow2", "pytorch_model.bin"),
     # https://huggingface.co/bioptimus/H-optimus-0: timm "vit_giant_patch14_reg4_dinov2" (embed 1536,
     # depth 40, 24 heads, SwiGLUPacked, 4 registers, no_embed_class), img_size 224, init_values 1e-5,
@@ -165,33 +164,33 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            _vit(ViTConfig(224, 14, 1536, 40, 24, mlp_ratio=2.66667 * 2, init_values=1e-5, swiglu=True,
                           reg_tokens=4, no_embed_class=True)), 224, 0.5,
            (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517), 1536, "class token",
-           "Apache-2.0, gated: request access on the card", "https://huggingface.co/bioptimus/H-optimus-0",
+           "Apache-2.0, gated", "https://huggingface.co/bioptimus/H-optimus-0",
            "pytorch_model.bin"),
     # https://huggingface.co/bioptimus/H-optimus-1: the same architecture and normalisation.
     Preset("h-optimus-1", "H-optimus-1 (Bioptimus)", "ViT-g/14, SwiGLU, 4 registers", "ViT-g",
            _vit(ViTConfig(224, 14, 1536, 40, 24, mlp_ratio=2.66667 * 2, init_values=1e-5, swiglu=True,
                           reg_tokens=4, no_embed_class=True)), 224, 0.5,
            (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517), 1536, "class token",
-           "gated, non-commercial terms on the card", "https://huggingface.co/bioptimus/H-optimus-1",
+           "non-commercial (card), gated", "https://huggingface.co/bioptimus/H-optimus-1",
            "pytorch_model.bin"),
     # https://huggingface.co/prov-gigapath/prov-gigapath (tile encoder): timm "vit_giant_patch14_dinov2"
     # (SwiGLUPacked + SiLU) with patch_size 16, embed_dim 1536, depth 40, num_heads 24, init_values
     # 1e-5, mlp_ratio 5.33334 (class token); ImageNet mean/std; demo/3_load_tile_encoder.py.
     Preset("prov-gigapath", "Prov-GigaPath tile encoder (Providence / Microsoft)", "ViT-g/16, SwiGLU", "ViT-g",
            _vit(ViTConfig(224, 16, 1536, 40, 24, mlp_ratio=5.33334, init_values=1e-5, swiglu=True)), 224, 0.5,
-           IMAGENET_MEAN, IMAGENET_STD, 1536, "class token", "Apache-2.0, gated: request access on the card",
+           IMAGENET_MEAN, IMAGENET_STD, 1536, "class token", "Apache-2.0, gated",
            "https://huggingface.co/prov-gigapath/prov-gigapath", "pytorch_model.bin"),
     # https://huggingface.co/owkin/phikon: transformers ViTModel (ViT-B/16, iBOT), embedding =
     # last_hidden_state[:, 0]; ImageNet mean/std; ViTConfig's layer_norm_eps 1e-12.
     Preset("phikon", "Phikon (Owkin)", "ViT-B/16", "ViT-B",
            _vit(ViTConfig(224, 16, 768, 12, 12, norm_eps=1e-12)), 224, 0.5, IMAGENET_MEAN, IMAGENET_STD,
-           768, "class token", "Owkin non-commercial licence (see the card)", "https://huggingface.co/owkin/phikon",
+           768, "class token", "Owkin non-commercial", "https://huggingface.co/owkin/phikon",
            "model.safetensors", ignore=(r"pooler\..*",), adapt=_from_transformers),
     # https://huggingface.co/owkin/phikon-v2: transformers Dinov2Model (ViT-L/16, LayerScale),
     # embedding = last_hidden_state[:, 0]; ImageNet mean/std; Dinov2Config's layer_norm_eps 1e-6.
     Preset("phikon-v2", "Phikon-v2 (Owkin)", "ViT-L/16", "ViT-L",
            _vit(ViTConfig(224, 16, 1024, 24, 16, init_values=1e-5)), 224, 0.5, IMAGENET_MEAN, IMAGENET_STD,
-           1024, "class token", "Owkin non-commercial licence (see the card)",
+           1024, "class token", "Owkin non-commercial",
            "https://huggingface.co/owkin/phikon-v2", "model.safetensors",
            ignore=(r"embeddings\.mask_token", r"pooler\..*"), adapt=_from_transformers),
     # https://huggingface.co/MahmoodLab/CONCH, https://github.com/mahmoodlab/CONCH: conch_ViT-B-16.json
@@ -209,13 +208,13 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     # attention masks are recomputed.
     Preset("ctranspath", "CTransPath (Wang et al.)", "Swin-T/4 + conv stem", "Swin-T",
            CTransPath, 224, 1.0, IMAGENET_MEAN, IMAGENET_STD, 768, "mean of the last stage's tokens",
-           "GPL-3.0 (the TransPath repository)", "https://github.com/Xiyue-Wang/TransPath", "ctranspath.pth",
+           "GPL-3.0 (TransPath repo)", "https://github.com/Xiyue-Wang/TransPath", "ctranspath.pth",
            ignore=(r".*\.relative_position_index", r".*\.attn_mask")),
     # https://github.com/kaiko-ai/towards_large_pathology_fms (hubconf.py): timm
     # "vit_small_patch16_224", num_classes 0 (class token); README: mean = std = (0.5, 0.5, 0.5).
     Preset("kaiko-vits16", "Kaiko ViT-S/16 (kaiko.ai)", "ViT-S/16", "ViT-S",
            _vit(ViTConfig(224, 16, 384, 12, 6)), 224, 0.5, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 384, "class token",
-           "Kaiko Non-Commercial Public License", "https://github.com/kaiko-ai/towards_large_pathology_fms",
+           "Kaiko non-commercial", "https://github.com/kaiko-ai/towards_large_pathology_fms",
            "vits16.pth"),
     # https://github.com/lunit-io/benchmark-ssl-pathology (README): timm VisionTransformer(img_size
     # 224, patch_size 8 or 16, embed_dim 384, num_heads 6, num_classes 0), DINO weights; mean
@@ -223,17 +222,17 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     # backbones/pathology/lunit.py, quoting Lunit).
     Preset("lunit-vits8", "Lunit DINO ViT-S/8", "ViT-S/8", "ViT-S",
            _vit(ViTConfig(224, 8, 384, 12, 6)), 224, 0.5, (0.70322989, 0.53606487, 0.66096631),
-           (0.21716536, 0.26081574, 0.20723464), 384, "class token", "Lunit non-commercial public licence",
+           (0.21716536, 0.26081574, 0.20723464), 384, "class token", "Lunit non-commercial",
            "https://github.com/lunit-io/benchmark-ssl-pathology", "dino_vit_small_patch8_ep200.torch"),
     Preset("lunit-vits16", "Lunit DINO ViT-S/16", "ViT-S/16", "ViT-S",
            _vit(ViTConfig(224, 16, 384, 12, 6)), 224, 0.5, (0.70322989, 0.53606487, 0.66096631),
-           (0.21716536, 0.26081574, 0.20723464), 384, "class token", "Lunit non-commercial public licence",
+           (0.21716536, 0.26081574, 0.20723464), 384, "class token", "Lunit non-commercial",
            "https://github.com/lunit-io/benchmark-ssl-pathology", "dino_vit_small_patch16_ep200.torch"),
     # CLAM (https://github.com/mahmoodlab/CLAM, models/resnet_custom.py) and TRIDENT's "resnet50"
     # (timm resnet50.tv_in1k, out_indices [3], AdaptiveAvgPool2d): ImageNet ResNet-50 to layer3, pooled.
     Preset("resnet50-trunc", "ResNet-50 to layer3, ImageNet (CLAM / TRIDENT baseline)", "ResNet-50 (layer1-3)",
            "CNN", ResNet50Trunk, 224, 0.5, IMAGENET_MEAN, IMAGENET_STD, 1024, "global mean of layer3",
-           "BSD-3-Clause (torchvision weights)", "https://huggingface.co/timm/resnet50.tv_in1k", "model.safetensors",
+           "BSD-3-Clause", "https://huggingface.co/timm/resnet50.tv_in1k", "model.safetensors",
            ignore=(r"layer4\..*", r"fc\.(weight|bias)")),
 )}
 
