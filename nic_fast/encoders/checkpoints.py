@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -91,9 +92,12 @@ def _read_torch(path: Path) -> Weights:
         # Memory-mapped where the file is a zip archive (torch >= 1.6 saves); older pickles load whole.
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
-        raise EncoderError(f"{path} holds Python objects besides tensors, which nic-fast does not unpickle "
-                           f"({_first_line(exc)}); load it yourself and re-save its state dict with "
-                           "torch.save(state_dict, 'weights.pth')") from exc
+        if found := re.search(r"Unsupported global: GLOBAL (\S+)", str(exc)):
+            raise EncoderError(f"{path} holds Python objects besides tensors ({found.group(1)}), which nic-fast "
+                               "does not unpickle; load it yourself and re-save its state dict with "
+                               "torch.save(state_dict, 'weights.pth')") from exc
+        raise EncoderError(f"{path} is not a PyTorch weights file (it does not unpickle as one); give the "
+                           "checkpoint as downloaded from the model card") from exc
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for files that are not its own
         raise EncoderError(f"{path} is not a PyTorch weights file ({_first_line(exc)}); give the checkpoint as "
                            "downloaded from the model card") from exc
