@@ -9,6 +9,7 @@ CMU slide at 224 px).
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -280,3 +281,21 @@ def _published_names(name: str, shapes: dict[str, tuple[int, ...]]) -> dict[str,
                 out[key] = shape
         return out
     return shapes
+
+
+def test_presets_table_lists_every_preset() -> None:
+    result = CliRunner().invoke(main, ["encoders", "presets"])
+    assert result.exit_code == 0, result.output
+    for name in PRESETS:
+        assert name in result.output
+    row = next(line for line in result.output.splitlines() if "virchow2" in line)
+    assert "2560" in row and "224" in row and "631.2 M" in row and "CC-BY-NC-ND-4.0" in row
+
+
+def test_safetensors_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # as if not installed
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"{}")
+    with pytest.raises(EncoderError, match=r"needs the safetensors package; install it with "
+                                           r"`pip install 'nic-fast\[foundation\]'`"):
+        read_weights(weights)

@@ -292,3 +292,33 @@ def test_ctranspath_equals_timm_ctp(torchvision_stand_in: None) -> None:
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(x), reference.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+class _ClassAndMean(nn.Module):
+    """The README's example readout: class token and mean patch token of a timm ViT."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.vit.forward_features(x)
+        return torch.cat([tokens[:, 0], tokens[:, self.vit.num_prefix_tokens:].mean(dim=1)], dim=-1)
+
+
+def test_a_timm_model_the_user_trained_saves_as_an_encoder(timm: types.ModuleType, tmp_path) -> None:
+    """The README's worked example: wrap a timm ViT, save_encoder it, load it back, same output."""
+    from nic_fast.encoders import EncoderSpec, load_encoder, save_encoder
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch16_224", num_classes=0, img_size=64, depth=2).eval()
+    module = _ClassAndMean(vit)
+    spec = EncoderSpec(name="my-vits16", input_px=64, mpp=0.5, channels=3, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                       code_size=768, sha256="", description="DINO ViT-S/16 trained on our cohort")
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        expected = module(x)
+    for suffix in (".pt", ".pt2"):
+        encoder = load_encoder(save_encoder(module, spec, tmp_path / f"my-vits16{suffix}"))
+        assert encoder.spec.sha256 and encoder.spec.code_size == 768
+        torch.testing.assert_close(encoder(x), expected, rtol=1e-4, atol=1e-4)
