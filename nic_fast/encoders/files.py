@@ -47,7 +47,7 @@ def save_encoder(module: nn.Module, spec: EncoderSpec, path: str | os.PathLike[s
     Returns the path written.
     """
     path = Path(path)
-    _check_suffix(path)
+    check_encoder_suffix(path)
     write_encoder(copy.deepcopy(module), spec, path)
     return path
 
@@ -57,7 +57,7 @@ def write_encoder(module: nn.Module, spec: EncoderSpec, path: str | os.PathLike[
     eval mode in place (a multi-GB foundation model is not worth holding twice). Returns the
     spec as written, its sha256 filled in."""
     path = Path(path)
-    _check_suffix(path)
+    check_encoder_suffix(path)
     module = module.to("cpu").eval()
     spec = _spec_for_weights(spec, module)
     example = torch.zeros(2, spec.channels, spec.input_px, spec.input_px)
@@ -74,7 +74,8 @@ def write_encoder(module: nn.Module, spec: EncoderSpec, path: str | os.PathLike[
     return spec
 
 
-def _check_suffix(path: Path) -> None:
+def check_encoder_suffix(path: Path) -> None:
+    """Refuse a path that is neither .pt nor .pt2 (callers check before any expensive work)."""
     if path.suffix not in SUFFIXES:
         raise EncoderError(f"encoder files end in .pt (TorchScript) or .pt2 (torch.export), got {path.name!r}")
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from nic_fast.encoders.checkpoints import Weights, file_sha256, read_weights
-from nic_fast.encoders.files import SUFFIXES, write_encoder
+from nic_fast.encoders.files import check_encoder_suffix, write_encoder
 from nic_fast.encoders.presets import Preset, build_on_meta, get_preset
 from nic_fast.encoders.spec import EncoderError, EncoderSpec
 
@@ -37,8 +37,7 @@ def import_preset(preset_name: str, weights_path: str | os.PathLike[str], output
     """Build ``preset_name``, load ``weights_path`` into it, write the encoder file ``output`` (.pt or .pt2)."""
     preset = get_preset(preset_name)
     output = Path(output)
-    if output.suffix not in SUFFIXES:  # before reading gigabytes of weights
-        raise EncoderError(f"encoder files end in .pt (TorchScript) or .pt2 (torch.export), got {output.name!r}")
+    check_encoder_suffix(output)  # before reading gigabytes of weights
     weights = read_weights(Path(weights_path))
     module = load_weights(preset, weights)
     file_hash = file_sha256(weights.path)
