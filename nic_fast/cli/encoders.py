@@ -15,7 +15,7 @@ from nic_fast.encoders.spec import EncoderError
 
 @click.group()
 def encoders() -> None:
-    """Patch encoders: built-ins, foundation-model presets, encoder files (.pt, .pt2), Keras import."""
+    """Patch encoders: built-ins, encoder files (.pt, .pt2) and Keras import."""
 
 
 @encoders.command("list")
