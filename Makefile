@@ -13,13 +13,18 @@ install: $(VENV)/.installed
 # torch is pinned for the test set-up only (the runtime requirement is a range).
 # cuCIM's reader needs only numpy, click and lazy-loader: --no-deps keeps CuPy and
 # ~3 GB of CUDA libraries out.
+# timm and timm-ctp are the tests' references for the foundation-model presets (nic-fast
+# never imports them). Both depend on torchvision, whose PyPI wheels do not load beside the
+# CPU torch (and would pull another torch): --no-deps, and the tests stand in for the
+# torchvision names timm imports but its model code never calls.
 $(VENV)/.installed: pyproject.toml CMakeLists.txt $(wildcard csrc/*.h csrc/*.cpp csrc/*.cu)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-deps cucim-cu13
 	$(PY) -m pip install -q scikit-build-core pybind11 numpy click lazy-loader
-	$(PY) -m pip install -q --no-build-isolation -e '.[test,dali]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,dali,foundation]'
+	$(PY) -m pip install -q --no-deps timm==1.0.31 timm-ctp==0.5.4
 	touch $@
 
 test: install

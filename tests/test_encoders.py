@@ -278,3 +278,22 @@ def test_cli_errors(cli: click.Group, paper_encoders: Path, tmp_path: Path) -> N
     not_keras.write_bytes(b"nope")
     refused = runner.invoke(cli, ["import-keras", str(not_keras), "-o", str(tmp_path / "x.pt")])
     assert refused.exit_code == 1 and "not an HDF5 file" in refused.output
+
+
+class ClassTokenView(nn.Module):
+    """Returns a strided view, as a ViT's ``tokens[:, 0]`` is."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.flatten(2).transpose(1, 2)  # (N, P*P, C)
+        return tokens[:, 0]
+
+
+def test_outputs_are_row_major_whatever_the_module_returns() -> None:
+    from nic_fast.encoders import Encoder
+
+    spec = EncoderSpec("view", 4, None, 3, (0.0,) * 3, (1.0,) * 3, 3, "")
+    x = torch.rand(5, 3, 4, 4)
+    assert not ClassTokenView()(x).is_contiguous()
+    out = Encoder(spec, ClassTokenView(), "test")(x)
+    assert out.is_contiguous() and out.shape == (5, 3)
+    torch.testing.assert_close(out, x[:, :, 0, 0])

@@ -47,9 +47,18 @@ def save_encoder(module: nn.Module, spec: EncoderSpec, path: str | os.PathLike[s
     Returns the path written.
     """
     path = Path(path)
-    if path.suffix not in SUFFIXES:
-        raise EncoderError(f"encoder files end in .pt (TorchScript) or .pt2 (torch.export), got {path.name!r}")
-    module = copy.deepcopy(module).to("cpu").eval()
+    check_encoder_suffix(path)
+    write_encoder(copy.deepcopy(module), spec, path)
+    return path
+
+
+def write_encoder(module: nn.Module, spec: EncoderSpec, path: str | os.PathLike[str]) -> EncoderSpec:
+    """:func:`save_encoder` without the defensive copy: ``module`` is moved to the CPU and put in
+    eval mode in place (a multi-GB foundation model is not worth holding twice). Returns the
+    spec as written, its sha256 filled in."""
+    path = Path(path)
+    check_encoder_suffix(path)
+    module = module.to("cpu").eval()
     spec = _spec_for_weights(spec, module)
     example = torch.zeros(2, spec.channels, spec.input_px, spec.input_px)
     _check_output(module, spec, example)
@@ -62,7 +71,13 @@ def save_encoder(module: nn.Module, spec: EncoderSpec, path: str | os.PathLike[s
             batch = torch.export.Dim("batch")
             program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
             torch.export.save(program, path, extra_files={METADATA_NAME: metadata})
-    return path
+    return spec
+
+
+def check_encoder_suffix(path: Path) -> None:
+    """Refuse a path that is neither .pt nor .pt2 (callers check before any expensive work)."""
+    if path.suffix not in SUFFIXES:
+        raise EncoderError(f"encoder files end in .pt (TorchScript) or .pt2 (torch.export), got {path.name!r}")
 
 
 def load_encoder(name_or_path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Encoder:

@@ -178,7 +178,9 @@ class Encoder:
             raise EncoderError(f"encoder {spec.name!r} is on {self.device}, input is on {x.device}; move one of them")
         x = x.to(dtype=self.dtype).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            return self.module(x)
+            # Row-major out, whatever the module returns: a ViT's class token is a strided view
+            # of its token sequence, and the engine's kernels read rows of C contiguous values.
+            return self.module(x).contiguous()
 
 
 def _is_int(value: object) -> bool:
