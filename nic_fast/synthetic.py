@@ -39,6 +39,9 @@ _RESOLUTION_UM = {"centimeter": 1e4, "inch": 25400.0, "none": 1e4}
 _TIFF_RESUNIT = {"centimeter": "CENTIMETER", "inch": "INCH", "none": "NONE"}
 _COMPRESS_BUFFER_BYTES = 2**26  # raw tiles tifffile gathers per parallel compression pass
 _BIGTIFF_RAW_BYTES = 2**32  # JPEG at these qualities is far smaller than raw RGB: a classic TIFF fits
+APERIO_THUMBNAIL_PX = 768  # long side of the SVS thumbnail page at most (scanners write ~1024x768)
+APERIO_LABEL_PX = 256  # side of the square label image
+_APERIO_SOFTWARE = "Aperio Image Library v12.0.0"
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -67,9 +70,10 @@ def write_pyramid_tiff(
     jpeg_quality: int = 90,
     mpp_metadata: MppMetadata = "aperio",
     resolution_unit: ResolutionUnit = "centimeter",
+    label_text: str = "nic-fast",
     workers: int | None = None,
 ) -> list[tuple[int, int]]:
-    """Write a tiled, JPEG-compressed pyramidal TIFF that cuCIM and OpenSlide both read.
+    """Write a tiled, JPEG-compressed pyramidal TIFF that cuCIM, OpenSlide and tifffile read.
 
     ``source`` is a whole uint8 RGB array (coarser levels are box-averaged from it) or a
     TileFn that renders any tile of any level (then ``height``/``width`` are required).
@@ -77,11 +81,15 @@ def write_pyramid_tiff(
     ~1024 px; tiles are produced and compressed on ``workers`` threads a few at a time,
     so memory stays bounded for a 40,000² slide.
 
-    µm/px: with ``mpp_metadata="aperio"`` page 0 gets an Aperio ImageDescription with
-    ``MPP`` (cuCIM's metadata["aperio"]["MPP"], OpenSlide's openslide.mpp-x) plus
-    centimetre resolution tags; with ``"resolution"`` only the TIFF resolution tags in
-    ``resolution_unit`` ("none" writes the µm/px value with no unit, which readers must
-    reject). ``mpp=None`` writes neither: tifffile's neutral 1/1 resolution, no unit.
+    µm/px: with ``mpp_metadata="aperio"`` the file is laid out as an Aperio SVS (see
+    :func:`_write_aperio`): page 0 gets an Aperio ImageDescription with ``MPP``
+    (cuCIM's metadata["aperio"]["MPP"], OpenSlide's openslide.mpp-x) plus centimetre
+    resolution tags, and a thumbnail, a label (``label_text`` as a barcode) and a macro
+    image join the levels. With ``"resolution"`` only the TIFF
+    resolution tags in ``resolution_unit`` ("none" writes the µm/px value with no unit,
+    which readers must reject) and a generic pyramid: levels as reduced-resolution pages
+    (NewSubfileType 1). ``mpp=None`` writes neither: tifffile's neutral 1/1 resolution,
+    no unit, generic pyramid.
 
     Returns the (height, width) of each level written.
     """
@@ -99,52 +107,107 @@ def write_pyramid_tiff(
     workers = workers or os.cpu_count() or 1
     levels = pyramid_dims(height, width)
     raw_bytes = sum(3 * h * w for _, h, w in levels)
+    aperio = mpp is not None and mpp_metadata == "aperio"
+    page = _PageWriter(tile_fn, tile_px=tile_px, jpeg_quality=jpeg_quality, workers=workers)
     with tifffile.TiffWriter(path, bigtiff=raw_bytes >= _BIGTIFF_RAW_BYTES) as tiff:
-        for ds, level_h, level_w in levels:
-            tiles = _ordered_map(
-                lambda yx, ds=ds: tile_fn(ds, yx[0], yx[1], tile_px, tile_px),
-                ((y, x) for y in range(0, level_h, tile_px) for x in range(0, level_w, tile_px)),
-                workers=workers,
-            )
-            tiff.write(
-                tiles,
-                shape=(level_h, level_w, 3),
-                dtype=np.uint8,
-                tile=(tile_px, tile_px),
-                photometric="rgb",
-                compression="jpeg",
-                compressionargs={"level": jpeg_quality},
-                subfiletype=0 if ds == 1 else 1,
-                metadata=None,
-                maxworkers=workers,
-                buffersize=_COMPRESS_BUFFER_BYTES,
-                **_mpp_tags(mpp, ds, width, height, tile_px, jpeg_quality, mpp_metadata, resolution_unit),
-            )
+        if aperio:
+            assert mpp is not None
+            _write_aperio(tiff, page, levels, mpp=mpp, label_text=label_text)
+        else:
+            for ds, level_h, level_w in levels:
+                page.level(tiff, ds, level_h, level_w, subfiletype=0 if ds == 1 else 1,
+                           **_resolution_tags(mpp, ds, resolution_unit))
     return [(h, w) for _, h, w in levels]
 
 
-def _mpp_tags(
-    mpp: float | None,
-    downsample: int,
-    width: int,
-    height: int,
-    tile_px: int,
-    jpeg_quality: int,
-    mpp_metadata: MppMetadata,
-    resolution_unit: ResolutionUnit,
-) -> dict[str, object]:
-    """tifffile keyword arguments carrying the µm/px of one page."""
+@dataclass(frozen=True)
+class _PageWriter:
+    """Writes the pages of one pyramid file: tiled JPEG levels and stripped images."""
+
+    tile_fn: TileFn
+    tile_px: int
+    jpeg_quality: int
+    workers: int
+
+    def level(self, tiff: tifffile.TiffWriter, ds: int, level_h: int, level_w: int, **tags: object) -> None:
+        tiles = _ordered_map(
+            lambda yx: self.tile_fn(ds, yx[0], yx[1], self.tile_px, self.tile_px),
+            ((y, x) for y in range(0, level_h, self.tile_px) for x in range(0, level_w, self.tile_px)),
+            workers=self.workers,
+        )
+        tiff.write(tiles, shape=(level_h, level_w, 3), dtype=np.uint8, tile=(self.tile_px, self.tile_px),
+                   photometric="rgb", compression="jpeg", compressionargs={"level": self.jpeg_quality},
+                   metadata=None, maxworkers=self.workers, buffersize=_COMPRESS_BUFFER_BYTES, **tags)
+
+    def render(self, ds: int, level_h: int, level_w: int) -> np.ndarray:
+        """A whole (small) level as one array, from its tiles."""
+        out = np.empty((level_h, level_w, 3), np.uint8)
+        for y in range(0, level_h, self.tile_px):
+            for x in range(0, level_w, self.tile_px):
+                tile = self.tile_fn(ds, y, x, self.tile_px, self.tile_px)
+                out[y : y + self.tile_px, x : x + self.tile_px] = tile[: level_h - y, : level_w - x]
+        return out
+
+
+def _write_aperio(tiff: tifffile.TiffWriter, page: _PageWriter, levels: list[tuple[int, int, int]], *, mpp: float,
+                  label_text: str) -> None:
+    """The page order and tags of an Aperio SVS, which every reader classifies the same way.
+
+    Aperio's layout (its "Digital Slides and Third-party data interchange" note, as
+    OpenSlide's aperio driver, cuCIM's TIFF loader and tifffile's SVS series read it):
+    the tiled baseline; a stripped thumbnail as the second page; the reduced levels,
+    tiled, NewSubfileType 0 (tifffile stops the level list at the first page marked
+    reduced); then a stripped label (NewSubfileType 1) and macro image (9). Readers
+    take the tiled pages as levels and the stripped ones as associated images.
+    """
+    _, height, width = levels[0]
+    thumbnail = _box_downsample(page.render(*levels[-1]), max(1, math.ceil(max(levels[-1][1:]) / APERIO_THUMBNAIL_PX)))
+    label = _label_image(label_text)
+    software = f"{_APERIO_SOFTWARE} \r\n{width}x{height} ({page.tile_px}x{page.tile_px}) JPEG/RGB Q={page.jpeg_quality}"
+    keys = f"|AppMag = {max(1, round(10 / mpp))}|MPP = {mpp:.6g}"
+    stripped = {"photometric": "rgb", "metadata": None, "rowsperstrip": 64}
+    for ds, level_h, level_w in levels:
+        reduced = f" -> {level_w}x{level_h}" if ds > 1 else ""
+        page.level(tiff, ds, level_h, level_w, subfiletype=0, description=f"{software}{reduced}{keys}",
+                   **_resolution_tags(mpp, ds, "centimeter"))
+        if ds == 1:
+            th, tw = thumbnail.shape[:2]
+            tiff.write(thumbnail, subfiletype=0, compression="jpeg", compressionargs={"level": page.jpeg_quality},
+                       description=f"{_APERIO_SOFTWARE} \n{width}x{height} -> {tw}x{th} - {keys}", **stripped)
+    tiff.write(label, subfiletype=1, compression="lzw",
+               description=f"{_APERIO_SOFTWARE} \nlabel {label.shape[1]}x{label.shape[0]}", **stripped)
+    macro = _macro_image(label, thumbnail)
+    tiff.write(macro, subfiletype=9, compression="jpeg", compressionargs={"level": page.jpeg_quality},
+               description=f"{_APERIO_SOFTWARE} \nmacro {macro.shape[1]}x{macro.shape[0]}", **stripped)
+
+
+def _resolution_tags(mpp: float | None, downsample: int, unit: ResolutionUnit) -> dict[str, object]:
+    """tifffile keyword arguments carrying the µm/px of one page (none without a µm/px)."""
     if mpp is None:
         return {}
-    unit = "centimeter" if mpp_metadata == "aperio" else resolution_unit
     px_per_unit = _RESOLUTION_UM[unit] / (mpp * downsample)
-    tags: dict[str, object] = {"resolution": (px_per_unit, px_per_unit), "resolutionunit": _TIFF_RESUNIT[unit]}
-    if mpp_metadata == "aperio" and downsample == 1:
-        tags["description"] = (
-            f"Aperio Image Library v12.0.0 \r\n{width}x{height} ({tile_px}x{tile_px}) JPEG/RGB Q={jpeg_quality}"
-            f"|AppMag = {max(1, round(10 / mpp))}|MPP = {mpp:.6g}"
-        )
-    return tags
+    return {"resolution": (px_per_unit, px_per_unit), "resolutionunit": _TIFF_RESUNIT[unit]}
+
+
+def _label_image(text: str) -> np.ndarray:
+    """A slide label: the name as a barcode of its bytes (one bar per bit), on white.
+
+    Drawn without fonts so that the same name gives the same pixels everywhere.
+    """
+    bits = np.unpackbits(np.frombuffer(text.encode() or b"\0", np.uint8))
+    bar_px = max(1, APERIO_LABEL_PX // (2 * len(bits) + 8))
+    label = np.full((APERIO_LABEL_PX, APERIO_LABEL_PX, 3), 250, np.uint8)
+    bars = np.repeat(np.where(bits, 20, 250).astype(np.uint8), bar_px)[: APERIO_LABEL_PX - 8 * bar_px]
+    top, bottom = APERIO_LABEL_PX // 4, APERIO_LABEL_PX // 2
+    label[top:bottom, 4 * bar_px : 4 * bar_px + len(bars)] = bars[None, :, None]
+    return label
+
+
+def _macro_image(label: np.ndarray, thumbnail: np.ndarray) -> np.ndarray:
+    """The whole glass slide as the macro camera sees it: label on the left, then the tissue."""
+    side = thumbnail.shape[0]
+    small_label = np.asarray(Image.fromarray(label).resize((side, side), Image.Resampling.BOX))
+    return np.ascontiguousarray(np.concatenate([small_label, thumbnail], axis=1))
 
 
 def _array_tile_fn(image: np.ndarray, levels: int) -> TileFn:
@@ -486,7 +549,8 @@ def write_synthetic_slide(
     layout = _make_layout(height * mpp, width * mpp, seed, lesion)
     downsamples = [ds for ds, _, _ in pyramid_dims(height, width)]
     renderer = _SlideRenderer(layout, _texture_layers(seed, mpp, max(height, width)), mpp=mpp, downsamples=downsamples, tile_px=tile_px)
-    write_pyramid_tiff(path, renderer.tile, height=height, width=width, mpp=mpp, tile_px=tile_px, workers=workers)
+    write_pyramid_tiff(path, renderer.tile, height=height, width=width, mpp=mpp, tile_px=tile_px,
+                       label_text=f"nic-fast synthetic seed={seed}", workers=workers)
 
     mask_h, mask_w = math.ceil(height / MASK_DOWNSAMPLE), math.ceil(width / MASK_DOWNSAMPLE)
     tissue, lesion_alpha = renderer.masks(MASK_DOWNSAMPLE, 0, 0, mask_h, mask_w)

@@ -179,3 +179,55 @@ def test_cli_synth_is_a_group_and_validates() -> None:
     assert "slides" in runner.invoke(synth, ["--help"]).output
     result = runner.invoke(synth, ["slides", "-o", "x", "--n", "0"])
     assert result.exit_code != 0 and "--n" in result.output
+
+
+def _stripes(downsample: int, y: int, x: int, height: int, width: int) -> np.ndarray:
+    cols = (np.arange(x, x + width) * downsample // 64) % 2
+    return np.broadcast_to((cols * 200 + 30).astype(np.uint8)[None, :, None], (height, width, 3)).copy()
+
+
+@pytest.mark.parametrize("mpp_metadata", ["aperio", "resolution"])
+def test_every_reader_sees_every_level(tmp_path: Path, mpp_metadata: str) -> None:
+    """tifffile's series (what TIAToolbox's TIFFWSIReader opens), OpenSlide and cuCIM agree
+    on the levels; an Aperio file is an SVS to all three, with its associated images."""
+    import openslide
+    import zarr
+    from cucim import CuImage
+
+    path = tmp_path / "s.tif"
+    dims = write_pyramid_tiff(path, _stripes, height=1100, width=4100, mpp=0.5, tile_px=128, workers=2,
+                              mpp_metadata=mpp_metadata)
+    assert len(dims) == 3
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_svs == (mpp_metadata == "aperio")
+        tifffile_levels = [level.shape[-3:-1] for level in tif.series[0].levels]
+        names = [series.name for series in tif.series]
+    group = zarr.open(tifffile.imread(path, series=0, aszarr=True), mode="r")
+    zarr_levels = [group[key].shape[-3:-1] for key in sorted(group.keys(), key=int)]
+    with openslide.OpenSlide(str(path)) as slide:
+        openslide_levels = [(h, w) for w, h in slide.level_dimensions]
+        openslide_images = set(slide.associated_images)
+        vendor = slide.properties["openslide.vendor"]
+    image = CuImage(str(path))
+    cucim_levels = [(h, w) for w, h in image.resolutions["level_dimensions"]]
+    assert tifffile_levels == zarr_levels == openslide_levels == cucim_levels == dims
+    if mpp_metadata == "aperio":
+        assert names == ["Baseline", "Thumbnail", "Label", "Macro"]
+        assert vendor == "aperio" and openslide_images == {"thumbnail", "label", "macro"}
+        assert set(image.associated_images) == {"thumbnail", "label", "macro"}
+        with tifffile.TiffFile(path) as tif:
+            thumbnail = tif.series[1].asarray()
+        assert max(thumbnail.shape[:2]) <= 768 and abs(thumbnail.mean() - 130) < 10  # the stripes, scaled down
+    else:
+        assert vendor == "generic-tiff" and not openslide_images and not image.associated_images
+
+
+def test_synthetic_slide_is_an_svs_with_all_levels(tmp_path: Path) -> None:
+    slide = write_synthetic_slide(tmp_path / "s.tif", height=4352, width=1280, seed=4, lesion=False)
+    with tifffile.TiffFile(slide.path) as tif:
+        assert tif.is_svs
+        assert [level.shape[:2] for level in tif.series[0].levels] == [(h, w) for _, h, w in pyramid_dims(4352, 1280)]
+        label = tif.series[2].asarray()
+    again = write_synthetic_slide(tmp_path / "t.tif", height=4352, width=1280, seed=4, lesion=False)
+    assert hashlib.sha256(slide.path.read_bytes()).digest() == hashlib.sha256(again.path.read_bytes()).digest()
+    assert label.min() < 50 < 200 < label.max(), "the label carries a barcode"
