@@ -23,6 +23,7 @@ from typing import Literal, TypeVar
 import numpy as np
 import tifffile
 from PIL import Image, PngImagePlugin
+from scipy.ndimage import distance_transform_edt
 
 # (downsample, y, x, height, width) -> uint8 RGB (height, width, 3); y/x/height/width
 # in the pixels of the level whose downsample relative to level 0 is given.
@@ -295,9 +296,26 @@ class _Field:
 
 
 @dataclass(frozen=True)
+class _Ink:
+    """One marker stroke: where it is (a soft band around a curve) and how it filters light."""
+
+    band: _Field  # half width minus the distance to the stroke's centre line, in µm
+    transmittance: np.ndarray  # float32 (3,): fraction of R, G, B light the ink lets through
+    opacity: float  # share of the band's area the ink covers (marker on glass is not quite solid)
+
+    def filter(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray | None:
+        """Per-pixel RGB factor (h, w, 3) of this stroke, None where it does not reach."""
+        if not self.band.may_exceed(rows, cols):
+            return None
+        alpha = (self.band.alpha(rows, cols) * self.opacity)[..., None]
+        return 1.0 - alpha * (1.0 - self.transmittance)
+
+
+@dataclass(frozen=True)
 class _Layout:
     tissue: _Field
     lesion: _Field | None
+    inks: tuple[_Ink, ...] = ()
 
 
 def _lerp_index(coords: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -337,8 +355,9 @@ def _gain_for_edge(values: np.ndarray, threshold: float, edge_um: float) -> floa
     return 1.0 / max(typical * edge_um, 1e-6)
 
 
-def _make_layout(height_um: float, width_um: float, seed: int, lesion: bool) -> _Layout:
-    """Tissue blobs covering 40-60 % of the slide and, if ``lesion``, 1-2 lesion blobs.
+def _make_layout(height_um: float, width_um: float, seed: int, lesion: bool, ink: bool = False) -> _Layout:
+    """Tissue blobs covering 40-60 % of the slide, if ``lesion`` 1-2 lesion blobs, and if
+    ``ink`` marker strokes over it.
 
     Everything is in physical units, so the same seed gives the same layout at any µm/px.
     """
@@ -359,7 +378,113 @@ def _make_layout(height_um: float, width_um: float, seed: int, lesion: bool) -> 
     fraction = rng.uniform(0.42, 0.58)
     threshold = float(np.quantile(tissue_values, 1.0 - fraction))
     tissue = _Field(tissue_values, threshold, _gain_for_edge(tissue_values, threshold, edge_um=20.0))
-    return _Layout(tissue, _make_lesion(tissue, seed) if lesion else None)
+    inks = _make_inks(shape, seed, distance_transform_edt(tissue_values < threshold) * LAYOUT_UM) if ink else ()
+    return _Layout(tissue, _make_lesion(tissue, seed) if lesion else None, inks)
+
+
+# Marker inks as the scanner sees them on glass: blue and green let their own colour
+# through and absorb most red; black absorbs everything.
+INK_TRANSMITTANCE = {
+    "blue": (0.15, 0.30, 0.65),
+    "green": (0.20, 0.55, 0.35),
+    "black": (0.08, 0.08, 0.09),
+}
+_INK_EDGE_UM = 8.0  # a marker's edge goes from clear to full ink over about this width
+_STROKE_POINTS = 65
+
+
+def _make_inks(shape: tuple[int, int], seed: int, glass_room_um: np.ndarray | None,
+               opacity: float | None = None) -> tuple[_Ink, ...]:
+    """1-3 wide marker strokes over a layout grid of ``shape`` cells: the first crosses the
+    slide (and so, mostly, its tissue); each other one crosses it too or is a short mark
+    on the glass beside the tissue (where ``glass_room_um``, the distance from each
+    layout cell to the nearest tissue, leaves room for one).
+
+    Widths are 5-10 % of the slide's short side (60-800 µm: a fine to broad marker on
+    a real slide), opacity 0.8-0.95 (or ``opacity``), colours blue, green or black.
+    """
+    rng = np.random.default_rng([seed, 3])
+    short_um = min(shape) * LAYOUT_UM
+    rows, cols = np.indices(shape, dtype=np.float32)
+    centres = np.stack([rows.ravel() + 0.5, cols.ravel() + 0.5], axis=1)
+    inks = []
+    for index in range(int(rng.integers(1, 4))):
+        colour = str(rng.choice(list(INK_TRANSMITTANCE)))
+        width_um = float(np.clip(rng.uniform(0.05, 0.10) * short_um, 60.0, 800.0))
+        on_glass = index > 0 and glass_room_um is not None and rng.uniform() < 0.5
+        if not on_glass:
+            curve = _crossing_curve(rng, shape)
+        else:
+            curve = _glass_mark(rng, glass_room_um, width_um)
+            if curve is None:
+                continue
+        distance_um = _distance_to_polyline(centres, curve).reshape(shape) * LAYOUT_UM
+        band = (0.5 * width_um - distance_um).astype(np.float32)
+        drawn_opacity = float(rng.uniform(0.8, 0.95))
+        inks.append(_Ink(_Field(band, 0.0, 1.0 / _INK_EDGE_UM), np.array(INK_TRANSMITTANCE[colour], np.float32),
+                         drawn_opacity if opacity is None else opacity))
+    return tuple(inks)
+
+
+def draw_marker_ink(rgb: np.ndarray, *, mpp: float, seed: int, opacity: float | None = None,
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """``rgb`` (uint8 (h, w, 3) at ``mpp`` µm/px) seen through 1-3 marker strokes crossing
+    it, as :func:`write_synthetic_slide` draws them (``opacity`` overrides theirs), and
+    the strokes' ground truth (bool (h, w): inside a stroke's nominal width). Inks a real
+    slide's pixels for measuring tissue detection under pen marks on real tissue.
+    """
+    height, width = rgb.shape[:2]
+    shape = (math.ceil(height * mpp / LAYOUT_UM) + 1, math.ceil(width * mpp / LAYOUT_UM) + 1)
+    rows = ((np.arange(height) + 0.5) * mpp / LAYOUT_UM).astype(np.float32)
+    cols = ((np.arange(width) + 0.5) * mpp / LAYOUT_UM).astype(np.float32)
+    inks = _make_inks(shape, seed, glass_room_um=None, opacity=opacity)
+    factors = [f for f in (ink.filter(rows, cols) for ink in inks) if f is not None]
+    mask = np.zeros((height, width), dtype=bool)
+    for ink in inks:
+        mask |= ink.band.alpha(rows, cols) >= 0.5
+    return _through_inks(rgb.astype(np.float32), factors), mask
+
+
+def _crossing_curve(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """A gently bent stroke from one side of the slide to the opposite one (layout cells)."""
+    h, w = shape
+    if rng.uniform() < 0.5:  # top to bottom
+        ends = np.array([[0.0, rng.uniform(0.1, 0.9) * w], [h, rng.uniform(0.1, 0.9) * w]])
+    else:  # left to right
+        ends = np.array([[rng.uniform(0.1, 0.9) * h, 0.0], [rng.uniform(0.1, 0.9) * h, w]])
+    bend = rng.uniform(-0.2, 0.2) * min(h, w)
+    return _bezier(ends[0], ends.mean(axis=0) + bend * _unit_normal(ends[1] - ends[0]), ends[1])
+
+
+def _glass_mark(rng: np.random.Generator, glass_room_um: np.ndarray, width_um: float) -> np.ndarray | None:
+    """A short straight mark that stays on glass, or None where no glass is wide enough."""
+    length_um = rng.uniform(3.0, 6.0) * width_um
+    room = np.argwhere(glass_room_um >= 0.5 * length_um + width_um)
+    if len(room) == 0:
+        return None
+    centre = room[rng.integers(len(room))] + 0.5
+    angle = rng.uniform(0, math.pi)
+    half = 0.5 * length_um / LAYOUT_UM * np.array([math.sin(angle), math.cos(angle)])
+    return _bezier(centre - half, centre, centre + half)
+
+
+def _bezier(p0: np.ndarray, p1: np.ndarray, p2: np.ndarray) -> np.ndarray:
+    t = np.linspace(0.0, 1.0, _STROKE_POINTS)[:, None]
+    return (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
+
+
+def _unit_normal(direction: np.ndarray) -> np.ndarray:
+    return np.array([-direction[1], direction[0]]) / max(float(np.hypot(*direction)), 1e-9)
+
+
+def _distance_to_polyline(points: np.ndarray, curve: np.ndarray) -> np.ndarray:
+    """Distance of each (y, x) point to the nearest segment of ``curve``."""
+    best = np.full(len(points), np.inf, np.float32)
+    for a, b in zip(curve[:-1], curve[1:], strict=True):
+        ab = b - a
+        t = np.clip(((points - a) @ ab) / max(float(ab @ ab), 1e-12), 0.0, 1.0)
+        best = np.minimum(best, np.hypot(*(points - a - t[:, None] * ab).T).astype(np.float32))
+    return best
 
 
 def _make_lesion(tissue: _Field, seed: int) -> _Field:
@@ -488,11 +613,31 @@ class _SlideRenderer:
             return tissue, None
         return tissue, lesion_field.alpha(rows, cols) * tissue
 
+    def ink_filters(self, downsample: int, y: int, x: int, height: int, width: int) -> list[np.ndarray]:
+        """The RGB factor of each marker stroke that reaches this tile."""
+        rows = self.layout_coords(downsample, y, height)
+        cols = self.layout_coords(downsample, x, width)
+        filters = (ink.filter(rows, cols) for ink in self.layout.inks)
+        return [f for f in filters if f is not None]
+
+    def ink_mask(self, downsample: int, y: int, x: int, height: int, width: int) -> np.ndarray:
+        """Pixels inside a stroke's nominal width (its ground truth), bool (height, width)."""
+        rows = self.layout_coords(downsample, y, height)
+        cols = self.layout_coords(downsample, x, width)
+        mask = np.zeros((height, width), dtype=bool)
+        for ink in self.layout.inks:
+            if ink.band.may_exceed(rows, cols):
+                mask |= ink.band.alpha(rows, cols) >= 0.5
+        return mask
+
     def tile(self, downsample: int, y: int, x: int, height: int, width: int) -> np.ndarray:
         bank = self.banks[downsample]
         tissue, lesion = self.masks(downsample, y, x, height, width)
+        inks = self.ink_filters(downsample, y, x, height, width)
         if not tissue.any():
-            return bank.window(bank.background_u8, y, x, height, width).copy()
+            if not inks:
+                return bank.window(bank.background_u8, y, x, height, width).copy()
+            return _through_inks(bank.window(bank.background_u8, y, x, height, width).astype(np.float32), inks)
         nuclei = bank.window(bank.nuclei, y, x, height, width)
         stroma = bank.window(bank.stroma, y, x, height, width)
         nucleus_rgb: np.ndarray = _NUCLEUS_RGB
@@ -506,7 +651,14 @@ class _SlideRenderer:
         else:
             base = stroma
         out = base + (nuclei * tissue)[..., None] * (nucleus_rgb - base)
-        return np.clip(out, 0, 255, out=out).astype(np.uint8)
+        return _through_inks(out, inks)
+
+
+def _through_inks(rgb: np.ndarray, inks: list[np.ndarray]) -> np.ndarray:
+    """Light through the slide and then through each stroke's ink (float RGB in, uint8 out)."""
+    for factor in inks:
+        rgb *= factor
+    return np.clip(rgb, 0, 255, out=rgb).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- slides
@@ -525,6 +677,9 @@ class SyntheticSlide:
     tissue_fraction: float  # of the slide area
     lesion_fraction: float  # of the tissue area (0 without lesion)
     mask_downsample: int
+    ink_mask_path: Path | None = None  # uint8 PNG, 255 = marker ink, like mask_path; None without ink
+    ink_fraction: float = 0.0  # of the slide area under marker ink
+    inked_tissue_fraction: float = 0.0  # of the tissue area under marker ink
 
 
 def write_synthetic_slide(
@@ -535,18 +690,21 @@ def write_synthetic_slide(
     mpp: float = REFERENCE_MPP,
     seed: int,
     lesion: bool,
+    ink: bool = False,
     tile_px: int = 256,
     workers: int | None = None,
 ) -> SyntheticSlide:
     """Write one H&E-like pyramidal slide and its lesion mask ``<stem>_mask.png`` beside it.
 
-    The layout depends on the seed and the physical size (height * mpp, width * mpp)
-    only, so the same seed at 0.25 µm/px and twice the pixels gives the same tissue.
+    With ``ink``, blue, green or black marker strokes are drawn over it (see
+    :func:`_make_inks`) and their ground truth goes to ``<stem>_ink.png``. The layout
+    depends on the seed and the physical size (height * mpp, width * mpp) only, so the
+    same seed at 0.25 µm/px and twice the pixels gives the same tissue.
     """
     if min(height, width) < 256:
         raise ValueError(f"synthetic slides need at least 256 px per side for tissue and lesion to show, got {height}x{width}")
     path = Path(path)
-    layout = _make_layout(height * mpp, width * mpp, seed, lesion)
+    layout = _make_layout(height * mpp, width * mpp, seed, lesion, ink)
     downsamples = [ds for ds, _, _ in pyramid_dims(height, width)]
     renderer = _SlideRenderer(layout, _texture_layers(seed, mpp, max(height, width)), mpp=mpp, downsamples=downsamples, tile_px=tile_px)
     write_pyramid_tiff(path, renderer.tile, height=height, width=width, mpp=mpp, tile_px=tile_px,
@@ -557,7 +715,12 @@ def write_synthetic_slide(
     tissue_px = tissue >= 0.5
     lesion_px = lesion_alpha >= 0.5 if lesion_alpha is not None else np.zeros_like(tissue_px)
     mask_path = path.with_name(f"{path.stem}_mask.png")
-    _write_mask_png(mask_path, lesion_px, mpp=mpp)
+    _write_mask_png(mask_path, lesion_px, mpp=mpp, what="lesion")
+    ink_path, ink_px = None, np.zeros_like(tissue_px)
+    if layout.inks:
+        ink_px = renderer.ink_mask(MASK_DOWNSAMPLE, 0, 0, mask_h, mask_w)
+        ink_path = path.with_name(f"{path.stem}_ink.png")
+        _write_mask_png(ink_path, ink_px, mpp=mpp, what="marker ink")
     return SyntheticSlide(
         path=path,
         mask_path=mask_path,
@@ -568,14 +731,17 @@ def write_synthetic_slide(
         tissue_fraction=float(tissue_px.mean()),
         lesion_fraction=float(lesion_px.sum() / max(tissue_px.sum(), 1)),
         mask_downsample=MASK_DOWNSAMPLE,
+        ink_mask_path=ink_path,
+        ink_fraction=float(ink_px.mean()),
+        inked_tissue_fraction=float((ink_px & tissue_px).sum() / max(tissue_px.sum(), 1)),
     )
 
 
-def _write_mask_png(path: Path, mask: np.ndarray, *, mpp: float) -> None:
+def _write_mask_png(path: Path, mask: np.ndarray, *, mpp: float, what: str) -> None:
     info = PngImagePlugin.PngInfo()
     info.add_text("downsample", str(MASK_DOWNSAMPLE))
     info.add_text("mpp", f"{mpp * MASK_DOWNSAMPLE:.6g}")
-    info.add_text("description", "nic-fast synthetic lesion mask: 255 = lesion, 0 = no lesion")
+    info.add_text("description", f"nic-fast synthetic {what} mask: 255 = {what}, 0 = none")
     Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path, pnginfo=info)
 
 
@@ -592,6 +758,7 @@ def write_synthetic_slides(
     size_px: int = 8192,
     mpp: float = REFERENCE_MPP,
     seed: int = 0,
+    ink: bool = False,
     workers: int | None = None,
     on_slide: Callable[[SyntheticSlide], None] | None = None,
 ) -> list[SyntheticSlide]:
@@ -601,7 +768,10 @@ def write_synthetic_slides(
     rounded either way, have a lesion. ``size_px`` is the side at 0.5 µm/px; sides vary
     by -15..+15 % and are rounded to 256 px there, then scaled to ``mpp``: ``mpp=0.25``
     gives the same slides at 40x (twice the px per side). Slide i depends only on the
-    seed and i, not on n. ``on_slide`` is called as each slide is done.
+    seed and i, not on n. With ``ink``, slides 0, 2, 4, ... get marker strokes and a
+    ``slide_NNN_ink.png`` (the others stay clean, as most of a real batch does; slide i
+    is the same slide either way, with or without its strokes). ``on_slide`` is called
+    as each slide is done.
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
@@ -620,6 +790,7 @@ def write_synthetic_slides(
             mpp=mpp,
             seed=int(rng.integers(2**63)),
             lesion=first_of_pair_has_lesion == (index % 2 == 0),
+            ink=ink and index % 2 == 0,
             workers=workers,
         )
         slides.append(slide)

@@ -231,3 +231,33 @@ def test_synthetic_slide_is_an_svs_with_all_levels(tmp_path: Path) -> None:
     again = write_synthetic_slide(tmp_path / "t.tif", height=4352, width=1280, seed=4, lesion=False)
     assert hashlib.sha256(slide.path.read_bytes()).digest() == hashlib.sha256(again.path.read_bytes()).digest()
     assert label.min() < 50 < 200 < label.max(), "the label carries a barcode"
+
+
+def test_ink_strokes_change_only_the_pixels_they_cover(tmp_path: Path) -> None:
+    from scipy.ndimage import binary_dilation
+
+    inked = write_synthetic_slide(tmp_path / "inked.tif", height=1536, width=1792, seed=21, lesion=True, ink=True)
+    clean = write_synthetic_slide(tmp_path / "clean.tif", height=1536, width=1792, seed=21, lesion=True)
+    assert inked.ink_mask_path == tmp_path / "inked_ink.png" and clean.ink_mask_path is None
+    assert not (tmp_path / "clean_ink.png").exists()
+    ink = np.asarray(Image.open(inked.ink_mask_path)) > 0
+    assert ink.shape == _mask(inked).shape and read_mask_downsample(inked.ink_mask_path) == MASK_DOWNSAMPLE
+    assert inked.ink_fraction == pytest.approx(ink.mean()) and 0.02 < inked.ink_fraction < 0.6
+    assert (inked.tissue_fraction, inked.lesion_fraction) == (clean.tissue_fraction, clean.lesion_fraction)
+    np.testing.assert_array_equal(_mask(inked), _mask(clean))
+    a, b = _pixels(inked.path)[0], _pixels(clean.path)[0]
+    # Away from the strokes (their soft edge, the JPEG blocks around it and their chroma upsampling) the
+    # pixels are the clean slide's.
+    near = np.kron(binary_dilation(ink, iterations=3), np.ones((MASK_DOWNSAMPLE,) * 2, bool))[: a.shape[0], : a.shape[1]]
+    np.testing.assert_array_equal(a[~near], b[~near])
+    inside = np.kron(ink, np.ones((MASK_DOWNSAMPLE,) * 2, bool))[: a.shape[0], : a.shape[1]]
+    assert (a[inside].astype(int).sum(axis=-1) < b[inside].astype(int).sum(axis=-1) - 60).mean() > 0.9, "ink darkens"
+
+
+def test_cli_synth_slides_with_ink(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(synth, ["slides", "-o", str(out), "--n", "2", "--size", "1024", "--ink"])
+    assert result.exit_code == 0, result.output
+    first, second = result.output.splitlines()[:2]
+    assert "ink=" in first and "ink=" not in second
+    assert (out / "slide_000_ink.png").exists() and not (out / "slide_001_ink.png").exists()
