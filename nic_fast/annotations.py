@@ -57,11 +57,13 @@ class MaskFileError(ValueError):
 # --------------------------------------------------------------------------- mask -> GeoJSON
 
 
-def mask_polygons(mask: np.ndarray, *, level0_px_per_mask_px: float, min_area_mask_px: float = 0.0) -> list[Any]:
+def mask_polygons(mask: np.ndarray, *, level0_px_per_mask_px: float, min_area_mask_px: float = 0.0,
+                  origin_xy_level0_px: tuple[float, float] = (0.0, 0.0)) -> list[Any]:
     """The regions of a bool mask as shapely Polygons (holes kept) in level-0 px.
 
-    Regions whose outline encloses less than ``min_area_mask_px`` mask pixels are
-    dropped; holes are always kept (a hole is a tissue edge, however small).
+    Mask pixel (0, 0) starts at ``origin_xy_level0_px`` (x, y) of level 0. Regions whose
+    outline encloses less than ``min_area_mask_px`` mask pixels are dropped; holes are
+    always kept (a hole is a tissue edge, however small).
     """
     import cv2
     import shapely
@@ -74,8 +76,10 @@ def mask_polygons(mask: np.ndarray, *, level0_px_per_mask_px: float, min_area_ma
         return []
     scale = level0_px_per_mask_px / 2.0
 
+    origin = np.asarray(origin_xy_level0_px, np.float64)
+
     def ring(index: int) -> np.ndarray:
-        return (contours[index].reshape(-1, 2).astype(np.float64) + 0.5) * scale
+        return (contours[index].reshape(-1, 2).astype(np.float64) + 0.5) * scale + origin
 
     polygons = []
     links = hierarchy[0]  # per contour: next, previous, first child, parent
@@ -113,6 +117,7 @@ def _valid_parts(geometry: Any) -> Iterator[Any]:
 
 def mask_features(mask: np.ndarray, *, level0_px_per_mask_px: float, classification: str,
                   color: Sequence[int], min_area_mask_px: float = 0.0, id_seed: str = "",
+                  origin_xy_level0_px: tuple[float, float] = (0.0, 0.0),
                   extra_properties: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One QuPath annotation Feature per region of ``mask`` (see :func:`mask_polygons`).
 
@@ -122,8 +127,9 @@ def mask_features(mask: np.ndarray, *, level0_px_per_mask_px: float, classificat
     from shapely.geometry import mapping
 
     features = []
-    for index, polygon in enumerate(mask_polygons(mask, level0_px_per_mask_px=level0_px_per_mask_px,
-                                                  min_area_mask_px=min_area_mask_px)):
+    polygons = mask_polygons(mask, level0_px_per_mask_px=level0_px_per_mask_px, min_area_mask_px=min_area_mask_px,
+                             origin_xy_level0_px=origin_xy_level0_px)
+    for index, polygon in enumerate(polygons):
         geometry = mapping(polygon)
         geometry["coordinates"] = [[[round(x, 3), round(y, 3)] for x, y in ring] for ring in geometry["coordinates"]]
         properties = {"objectType": "annotation", "classification": {"name": classification, "color": list(color)},
