@@ -8,10 +8,10 @@ from pathlib import Path
 import click
 import numpy as np
 
+from nic_fast.annotations import write_geojson
 from nic_fast.store import StoreError, open_store
 from nic_fast.train.evaluate import predict_store
 from nic_fast.train.fit import RunError, TrainedRun
-from nic_fast.annotations import write_geojson
 from nic_fast.train.gradcam import jaccard, lesion_cells, mask_to_grid, slide_heatmap
 from nic_fast.train.heatmap_files import (
     DISPLAY_MPP,
