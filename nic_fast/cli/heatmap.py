@@ -48,9 +48,10 @@ from nic_fast.train.sampler import StoreSampler
 @click.option("--device", default="cpu", show_default=True)
 def heatmap(run_dir: Path, store: Path, out_png: Path, mask_path: Path | None, lesion_value: int | None,
             target: int | None, smooth_cells: float, display_mpp: float, max_px: int, device: str) -> None:
-    """Grad-CAM on the first conv layer over STORE's whole grid, drawn on the slide it came from.
+    """Grad-CAM on the first conv layer over STORE's whole grid, upsampled onto its thumbnail.
 
-    Writes OUT.png (heatmap over the original slide read at --display-mpp, or over the
+    (That first line is the one nic_fast.cli registers; the overlay is in fact drawn on the
+    slide itself, as follows.) Writes OUT.png (heatmap over the original slide read at --display-mpp, or over the
     store's thumbnail when the slide file is gone; white outline: post-processed heatmap,
     green: the mask; colour bar, legend, scale bar), OUT.npy (raw heatmap, float32
     (H', W'), one value per grid cell), OUT.geojson (QuPath annotations: contours at 25,
