@@ -188,8 +188,9 @@ def _stripes(downsample: int, y: int, x: int, height: int, width: int) -> np.nda
 
 @pytest.mark.parametrize("mpp_metadata", ["aperio", "resolution"])
 def test_every_reader_sees_every_level(tmp_path: Path, mpp_metadata: str) -> None:
-    """tifffile's series (what TIAToolbox's TIFFWSIReader opens), OpenSlide and cuCIM agree
-    on the levels; an Aperio file is an SVS to all three, with its associated images."""
+    """tifffile's series (what TIAToolbox's TIFFWSIReader opens), OpenSlide, cuCIM and our
+    tifffile backend agree on the levels; an Aperio file is an SVS to all, with its
+    associated images."""
     import openslide
     import zarr
     from cucim import CuImage
@@ -210,7 +211,9 @@ def test_every_reader_sees_every_level(tmp_path: Path, mpp_metadata: str) -> Non
         vendor = slide.properties["openslide.vendor"]
     image = CuImage(str(path))
     cucim_levels = [(h, w) for w, h in image.resolutions["level_dimensions"]]
-    assert tifffile_levels == zarr_levels == openslide_levels == cucim_levels == dims
+    with open_slide(path, backend="tifffile") as reader:
+        ours = reader.level_dims
+    assert tifffile_levels == zarr_levels == openslide_levels == cucim_levels == ours == dims
     if mpp_metadata == "aperio":
         assert names == ["Baseline", "Thumbnail", "Label", "Macro"]
         assert vendor == "aperio" and openslide_images == {"thumbnail", "label", "macro"}
