@@ -160,6 +160,50 @@ NIC_HD uint8_t tissue_saturation(uint8_t r, uint8_t g, uint8_t b, uint8_t black_
   return static_cast<uint8_t>((static_cast<uint32_t>(hi - lo) * 255u + hi / 2u) / hi);
 }
 
+// Marker ink (blue, green, black pen on the glass or over tissue). H&E stains pink to
+// purple: red light passes at least as well as green (hue 255..360 and 0..60 degrees)
+// and dark tissue stays coloured. Blue and green ink absorb red (hue 60..255, or green
+// brighter than red); black ink is dark and grey on glass, darker than stained tissue
+// over it. Thresholds live in InkRule (kernels.h documents each); all arithmetic is
+// integer so that CPU, GPU and the NumPy reference agree exactly.
+struct InkRule {
+  int strong_chroma, strong_hue_lo, strong_hue_hi;  // certain colour ink: chroma and hue window
+  int weak_chroma, weak_hue_lo, weak_hue_hi;        // possible colour ink
+  int green_chroma, strong_green_excess, weak_green_excess;  // G - R of green ink (with that chroma)
+  int strong_dark, weak_dark;                        // max(R,G,B) at or below: certain / possible black ink
+  int neutral_max, neutral_ratio;                    // grey: max <= neutral_max and ratio * chroma <= max
+};
+
+NIC_HD int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }  // b > 0
+
+// HSV hue in whole degrees 0..359, rounded down; 0 for greys.
+NIC_HD int hue_degrees(int r, int g, int b) {
+  const int hi = r > g ? (r > b ? r : b) : (g > b ? g : b);
+  const int lo = r < g ? (r < b ? r : b) : (g < b ? g : b);
+  const int chroma = hi - lo;
+  if (chroma == 0) return 0;
+  int hue;
+  if (hi == r) hue = floor_div(60 * (g - b), chroma);
+  else if (hi == g) hue = 120 + floor_div(60 * (b - r), chroma);
+  else hue = 240 + floor_div(60 * (r - g), chroma);
+  return hue < 0 ? hue + 360 : hue;
+}
+
+// Ink evidence of one pixel: 2 certain, 1 possible (only counts when connected to
+// certain ink), 0 none.
+NIC_HD uint8_t ink_evidence(uint8_t r, uint8_t g, uint8_t b, const InkRule& k) {
+  const int hi = r > g ? (r > b ? r : b) : (g > b ? g : b);
+  const int lo = r < g ? (r < b ? r : b) : (g < b ? g : b);
+  const int chroma = hi - lo, hue = hue_degrees(r, g, b), green_excess = int(g) - int(r);
+  const bool strong = (chroma >= k.strong_chroma && hue >= k.strong_hue_lo && hue <= k.strong_hue_hi) ||
+                      (chroma >= k.green_chroma && green_excess >= k.strong_green_excess) || hi <= k.strong_dark ||
+                      (hi <= k.neutral_max && k.neutral_ratio * chroma <= hi);
+  if (strong) return 2;
+  const bool weak = (chroma >= k.weak_chroma && hue >= k.weak_hue_lo && hue <= k.weak_hue_hi) ||
+                    (chroma >= k.green_chroma && green_excess >= k.weak_green_excess) || hi <= k.weak_dark;
+  return weak ? 1 : 0;
+}
+
 // Fraction of mask pixels whose centre lies in the footprint of grid cell (i, j): the
 // square [i*stride, i*stride + size) x [j*stride, j*stride + size), in mask pixels.
 NIC_HD float cell_fraction_value(const uint8_t* mask, int64_t height, int64_t width, int64_t i,

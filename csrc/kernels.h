@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "elements.h"
+
 namespace nic {
 
 constexpr int kMaxChannels = 4;
@@ -47,8 +49,23 @@ struct TissueMaskArgs {
   int min_threshold;        // floor on the Otsu saturation threshold (blank slides)
   int max_threshold;        // ceiling on it (slides that are all tissue)
   std::int64_t min_object_px, max_hole_px;
+  const std::uint8_t* exclude = nullptr;  // (height, width) or null: never tissue, left out of Otsu (ink)
 };
 int tissue_mask_cpu(const TissueMaskArgs& args);  // returns the saturation threshold used
+
+// Marker ink on a thumbnail: pixels of certain or possible ink (ink_evidence) that are
+// 8-connected to at least min_strong_px certain ones, grown by dilate_px (a square),
+// because a stroke's soft edge over tissue looks like tissue.
+struct InkMaskArgs {
+  const std::uint8_t* rgb;  // (height, width, 3)
+  std::uint8_t* ink;        // (height, width), 0/1
+  std::int64_t height, width;
+  InkRule rule;
+  std::int64_t min_strong_px;
+  int dilate_px;
+};
+void ink_evidence_cpu(const std::uint8_t* rgb, std::uint8_t* out, std::int64_t n_px, const InkRule& rule);
+void ink_mask_cpu(const InkMaskArgs& args);
 void cell_fraction_cpu(const std::uint8_t* mask, std::int64_t height, std::int64_t width, float* out,
                        std::int64_t grid_height, std::int64_t grid_width, float stride_px, float size_px);
 

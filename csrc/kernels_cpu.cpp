@@ -132,6 +132,64 @@ void clear_small_components(std::uint8_t* mask, std::int64_t h, std::int64_t w, 
   }
 }
 
+// Keeps only the 8-connected components of nonzero `evidence` with at least `min_strong`
+// pixels equal to 2: out = 1 there, 0 elsewhere.
+void components_with_strong(const std::uint8_t* evidence, std::uint8_t* out, std::int64_t h, std::int64_t w,
+                            std::int64_t min_strong) {
+  std::fill(out, out + h * w, std::uint8_t{0});
+  std::vector<std::uint8_t> seen(static_cast<size_t>(h * w), 0);
+  std::vector<std::int64_t> component, stack;
+  for (std::int64_t start = 0; start < h * w; ++start) {
+    if (seen[start] || evidence[start] == 0) continue;
+    component.clear();
+    stack.assign(1, start);
+    seen[start] = 1;
+    std::int64_t strong = 0;
+    while (!stack.empty()) {
+      const std::int64_t p = stack.back();
+      stack.pop_back();
+      component.push_back(p);
+      strong += evidence[p] == 2;
+      const std::int64_t y = p / w, x = p % w;
+      for (std::int64_t dy = -1; dy <= 1; ++dy) {
+        for (std::int64_t dx = -1; dx <= 1; ++dx) {
+          const std::int64_t ny = y + dy, nx = x + dx;
+          if (ny < 0 || nx < 0 || ny >= h || nx >= w) continue;
+          const std::int64_t q = ny * w + nx;
+          if (!seen[q] && evidence[q] != 0) {
+            seen[q] = 1;
+            stack.push_back(q);
+          }
+        }
+      }
+    }
+    if (strong >= min_strong && strong > 0)
+      for (std::int64_t p : component) out[p] = 1;
+  }
+}
+
+// Binary dilation by a (2r+1) x (2r+1) square, as a row pass then a column pass.
+void dilate_square(std::uint8_t* mask, std::int64_t h, std::int64_t w, int r) {
+  if (r <= 0) return;
+  std::vector<std::uint8_t> rows(static_cast<size_t>(h * w));
+#pragma omp parallel for schedule(static)
+  for (std::int64_t y = 0; y < h; ++y)
+    for (std::int64_t x = 0; x < w; ++x) {
+      std::uint8_t v = 0;
+      for (std::int64_t k = std::max<std::int64_t>(0, x - r); k <= std::min<std::int64_t>(w - 1, x + r) && !v; ++k)
+        v = mask[y * w + k];
+      rows[y * w + x] = v;
+    }
+#pragma omp parallel for schedule(static)
+  for (std::int64_t y = 0; y < h; ++y)
+    for (std::int64_t x = 0; x < w; ++x) {
+      std::uint8_t v = 0;
+      for (std::int64_t k = std::max<std::int64_t>(0, y - r); k <= std::min<std::int64_t>(h - 1, y + r) && !v; ++k)
+        v = rows[k * w + x];
+      mask[y * w + x] = v;
+    }
+}
+
 }  // namespace
 
 void patchify_cpu(const PatchifyArgs& args) {
@@ -162,12 +220,28 @@ int tissue_mask_cpu(const TissueMaskArgs& a) {
   for (std::int64_t p = 0; p < n; ++p)
     a.mask[p] = tissue_saturation(a.rgb[3 * p], a.rgb[3 * p + 1], a.rgb[3 * p + 2], static_cast<std::uint8_t>(a.black_level));
   std::array<std::int64_t, 256> hist{};
-  for (std::int64_t p = 0; p < n; ++p) ++hist[a.mask[p]];
+  for (std::int64_t p = 0; p < n; ++p)
+    if (!a.exclude || !a.exclude[p]) ++hist[a.mask[p]];
   const int threshold = std::min(std::max(otsu_threshold(hist), a.min_threshold), a.max_threshold);
-  for (std::int64_t p = 0; p < n; ++p) a.mask[p] = a.mask[p] > threshold ? 1 : 0;
+  for (std::int64_t p = 0; p < n; ++p) a.mask[p] = a.mask[p] > threshold && !(a.exclude && a.exclude[p]) ? 1 : 0;
   clear_small_components(a.mask, a.height, a.width, 1, 0, a.min_object_px, false);
   clear_small_components(a.mask, a.height, a.width, 0, 1, a.max_hole_px, true);
+  if (a.exclude)  // a filled hole must not bring excluded pixels back
+    for (std::int64_t p = 0; p < n; ++p) a.mask[p] = a.mask[p] && !a.exclude[p];
   return threshold;
+}
+
+void ink_evidence_cpu(const std::uint8_t* rgb, std::uint8_t* out, std::int64_t n_px, const InkRule& rule) {
+#pragma omp parallel for schedule(static)
+  for (std::int64_t p = 0; p < n_px; ++p) out[p] = ink_evidence(rgb[3 * p], rgb[3 * p + 1], rgb[3 * p + 2], rule);
+}
+
+void ink_mask_cpu(const InkMaskArgs& a) {
+  const std::int64_t n = a.height * a.width;
+  std::vector<std::uint8_t> evidence(static_cast<size_t>(n));
+  ink_evidence_cpu(a.rgb, evidence.data(), n, a.rule);
+  components_with_strong(evidence.data(), a.ink, a.height, a.width, a.min_strong_px);
+  dilate_square(a.ink, a.height, a.width, a.dilate_px);
 }
 
 void cell_fraction_cpu(const std::uint8_t* mask, std::int64_t height, std::int64_t width, float* out,

@@ -3,6 +3,11 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <memory>
+#include <string>
+#include <vector>
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -31,18 +36,66 @@ void scatter(py::object embeddings, py::object cells, py::object grid) {
   nic::scatter_cpu(args);
 }
 
-int tissue_mask(py::object rgb, py::object mask, int black_level, int min_threshold, int max_threshold,
-                std::int64_t min_object_px, std::int64_t max_hole_px) {
-  TensorView t(std::move(rgb), "thumbnail"), m(std::move(mask), "mask");
+void expect_thumbnail(TensorView& t) {
   t.expect_dtype({nic::Dtype::uint8}).expect_ndim(3).expect_size(2, 3, "RGB").expect_contiguous().expect_device(false);
-  m.expect_dtype({nic::Dtype::uint8, nic::Dtype::boolean}).expect_ndim(2).expect_contiguous().expect_device(false);
-  m.expect_size(0, t.size(0), "height of the thumbnail").expect_size(1, t.size(1), "width of the thumbnail");
+}
+
+// A (height, width) uint8/bool array on the host, the size of the thumbnail.
+void expect_thumbnail_plane(TensorView& plane, const TensorView& thumbnail) {
+  plane.expect_dtype({nic::Dtype::uint8, nic::Dtype::boolean}).expect_ndim(2).expect_contiguous().expect_device(false);
+  plane.expect_size(0, thumbnail.size(0), "height of the thumbnail").expect_size(1, thumbnail.size(1), "width of the thumbnail");
+}
+
+int tissue_mask(py::object rgb, py::object mask, int black_level, int min_threshold, int max_threshold,
+                std::int64_t min_object_px, std::int64_t max_hole_px, py::object exclude) {
+  TensorView t(std::move(rgb), "thumbnail"), m(std::move(mask), "mask");
+  expect_thumbnail(t);
+  expect_thumbnail_plane(m, t);
   if (black_level < 0 || black_level > 255 || min_threshold < 0 || max_threshold > 255 || min_threshold > max_threshold)
     throw py::value_error("tissue_mask: need 0 <= black_level <= 255 and 0 <= min_threshold <= max_threshold <= 255");
+  std::unique_ptr<TensorView> e;
+  if (!exclude.is_none()) {
+    e = std::make_unique<TensorView>(std::move(exclude), "exclude");
+    expect_thumbnail_plane(*e, t);
+  }
+  const std::uint8_t* exclude_data = e ? e->data<std::uint8_t>() : nullptr;
   const nic::TissueMaskArgs args{t.data<std::uint8_t>(), m.data<std::uint8_t>(), t.size(0), t.size(1), black_level,
-                                 min_threshold, max_threshold, min_object_px, max_hole_px};
+                                 min_threshold, max_threshold, min_object_px, max_hole_px, exclude_data};
   py::gil_scoped_release release;
   return nic::tissue_mask_cpu(args);
+}
+
+nic::InkRule ink_rule(const std::vector<int>& values) {
+  constexpr size_t kFields = sizeof(nic::InkRule) / sizeof(int);
+  if (values.size() != kFields)
+    throw py::value_error("ink rule: expected " + std::to_string(kFields) + " integers, got " + std::to_string(values.size()));
+  nic::InkRule rule{};
+  std::copy(values.begin(), values.end(), reinterpret_cast<int*>(&rule));
+  return rule;
+}
+
+void ink_evidence(py::object rgb, py::object out, const std::vector<int>& rule) {
+  TensorView t(std::move(rgb), "thumbnail"), o(std::move(out), "out");
+  expect_thumbnail(t);
+  expect_thumbnail_plane(o, t);
+  const nic::InkRule k = ink_rule(rule);
+  const std::uint8_t* rgb_data = t.data<std::uint8_t>();
+  std::uint8_t* out_data = o.data<std::uint8_t>();
+  const std::int64_t n = t.size(0) * t.size(1);
+  py::gil_scoped_release release;
+  nic::ink_evidence_cpu(rgb_data, out_data, n, k);
+}
+
+void ink_mask(py::object rgb, py::object out, const std::vector<int>& rule, std::int64_t min_strong_px, int dilate_px) {
+  TensorView t(std::move(rgb), "thumbnail"), o(std::move(out), "ink");
+  expect_thumbnail(t);
+  expect_thumbnail_plane(o, t);
+  if (min_strong_px < 1 || dilate_px < 0)
+    throw py::value_error("ink_mask: need min_strong_px >= 1 and dilate_px >= 0");
+  const nic::InkMaskArgs args{t.data<std::uint8_t>(), o.data<std::uint8_t>(), t.size(0), t.size(1), ink_rule(rule),
+                              min_strong_px, dilate_px};
+  py::gil_scoped_release release;
+  nic::ink_mask_cpu(args);
 }
 
 void cell_fraction(py::object mask, py::object out, float stride_px, float size_px) {
@@ -112,7 +165,12 @@ PYBIND11_MODULE(_C, m) {
         "(N, C) embeddings + (N, 2) int32 grid cells -> their places in an (H, W, C) grid.");
   m.def("tissue_mask", &tissue_mask, py::arg("rgb"), py::arg("mask"), py::arg("black_level"),
         py::arg("min_threshold"), py::arg("max_threshold"), py::arg("min_object_px"), py::arg("max_hole_px"),
-        "Saturation/Otsu tissue mask with small-object and small-hole clean-up; returns the threshold.");
+        py::arg("exclude") = py::none(),
+        "Saturation/Otsu tissue mask with small-object and small-hole clean-up, never on `exclude`; returns the threshold.");
+  m.def("ink_evidence", &ink_evidence, py::arg("rgb"), py::arg("out"), py::arg("rule"),
+        "Per-pixel marker-ink evidence (0 none, 1 possible, 2 certain) under an InkRule given as its integers in order.");
+  m.def("ink_mask", &ink_mask, py::arg("rgb"), py::arg("ink"), py::arg("rule"), py::arg("min_strong_px"),
+        py::arg("dilate_px"), "Marker ink: evidence components with enough certain pixels, dilated.");
   m.def("cell_fraction", &cell_fraction, py::arg("mask"), py::arg("out"), py::arg("stride_px"), py::arg("size_px"),
         "Per-cell fraction of mask pixels, footprints in mask pixels.");
   m.def("check_jpeg", &check_jpeg, py::arg("data"), py::arg("tables"), py::arg("full_hw"), py::arg("clip_hw"),

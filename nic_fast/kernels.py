@@ -10,8 +10,10 @@ The CUDA module is imported lazily, only when a device array is passed, so that
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -21,7 +23,7 @@ from nic_fast import _C
 
 _DLPACK_CUDA = 2  # DLDeviceType kDLCUDA
 
-__all__ = ["cell_fraction", "cuda_module", "patchify", "scatter", "tissue_mask"]
+__all__ = ["InkRule", "cell_fraction", "cuda_module", "ink_evidence", "ink_mask", "patchify", "scatter", "tissue_mask"]
 
 
 @functools.cache
@@ -113,6 +115,7 @@ def tissue_mask(
     max_threshold: int = 60,
     min_object_px: int = 0,
     max_hole_px: int = 0,
+    exclude: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """Boolean tissue mask of an RGB thumbnail and the saturation threshold used.
 
@@ -124,13 +127,74 @@ def tissue_mask(
     above 60/255 saturation; glass well below 20). Pixels no brighter than
     ``black_level`` (pen, slide edge) are not tissue. Connected tissue smaller than
     ``min_object_px`` is removed and enclosed holes smaller than ``max_hole_px``
-    are filled.
+    are filled. Pixels of ``exclude`` (bool, the thumbnail's shape; e.g. :func:`ink_mask`)
+    are never tissue and are left out of Otsu's histogram, where saturated ink would
+    pull the threshold up.
     """
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     mask = np.empty(rgb.shape[:2], dtype=np.uint8)
+    excluded = None if exclude is None else np.ascontiguousarray(exclude, dtype=np.uint8)
     threshold = _C.tissue_mask(rgb, mask, black_level, min_threshold, max_threshold, int(min_object_px),
-                               int(max_hole_px))
+                               int(max_hole_px), excluded)
     return mask.astype(bool), threshold
+
+
+@dataclass(frozen=True)
+class InkRule:
+    """Thresholds of the marker-ink rule (``ink_evidence`` in csrc/elements.h), in 8-bit RGB.
+
+    With V = max(R,G,B), chroma = V - min(R,G,B) and hue the HSV hue in whole degrees,
+    a pixel is *certain* ink when it is coloured like blue or green ink (chroma >=
+    ``strong_chroma`` and ``strong_hue_lo`` <= hue <= ``strong_hue_hi``, or chroma >=
+    ``green_chroma`` and G - R >= ``strong_green_excess``), darker than stained tissue
+    gets (V <= ``strong_dark``) or dark grey (V <= ``neutral_max`` and ``neutral_ratio``
+    x chroma <= V); *possible* ink with the looser ``weak_*`` bounds or V <=
+    ``weak_dark``. H&E never passes the certain tests (red passes at least as well as
+    green through both stains, and dark tissue stays coloured); ink over tissue often
+    passes only the possible ones, which count where they touch certain ink. Defaults
+    measured in ``benchmarks/tissue_ink.py``. The field order is the C++ struct's.
+    """
+
+    strong_chroma: int = 40
+    strong_hue_lo: int = 70
+    strong_hue_hi: int = 245
+    weak_chroma: int = 12
+    weak_hue_lo: int = 60
+    weak_hue_hi: int = 255
+    green_chroma: int = 12
+    strong_green_excess: int = 15
+    weak_green_excess: int = 6
+    strong_dark: int = 40
+    weak_dark: int = 70
+    neutral_max: int = 110
+    neutral_ratio: int = 4
+
+    def as_ints(self) -> list[int]:
+        return [int(v) for v in dataclasses.astuple(self)]
+
+
+def ink_evidence(rgb: np.ndarray, rule: InkRule = InkRule()) -> np.ndarray:
+    """Per-pixel marker-ink evidence of an RGB image: uint8, 2 certain, 1 possible, 0 none."""
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    out = np.empty(rgb.shape[:2], dtype=np.uint8)
+    _C.ink_evidence(rgb, out, rule.as_ints())
+    return out
+
+
+def ink_mask(rgb: np.ndarray, *, min_strong_px: int, dilate_px: int = 1, rule: InkRule = InkRule()) -> np.ndarray:
+    """Marker ink on an RGB thumbnail, bool: 8-connected regions of certain or possible
+    ink (:func:`ink_evidence`) holding at least ``min_strong_px`` certain pixels, grown
+    by ``dilate_px``.
+
+    A pen stroke is a wide band, so it holds many certain pixels (on glass, at least);
+    scattered bluish or dark pixels of real tissue (margin dye, dense nuclei) do not
+    reach ``min_strong_px``. The dilation takes the stroke's soft edge, whose mix of ink
+    and stain looks like tissue.
+    """
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    out = np.empty(rgb.shape[:2], dtype=np.uint8)
+    _C.ink_mask(rgb, out, rule.as_ints(), int(min_strong_px), int(dilate_px))
+    return out.astype(bool)
 
 
 def cell_fraction(mask: np.ndarray, grid_shape: tuple[int, int], *, stride_px: float, size_px: float) -> np.ndarray:

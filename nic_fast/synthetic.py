@@ -23,6 +23,7 @@ from typing import Literal, TypeVar
 import numpy as np
 import tifffile
 from PIL import Image, PngImagePlugin
+from scipy.ndimage import distance_transform_edt
 
 # (downsample, y, x, height, width) -> uint8 RGB (height, width, 3); y/x/height/width
 # in the pixels of the level whose downsample relative to level 0 is given.
@@ -39,6 +40,9 @@ _RESOLUTION_UM = {"centimeter": 1e4, "inch": 25400.0, "none": 1e4}
 _TIFF_RESUNIT = {"centimeter": "CENTIMETER", "inch": "INCH", "none": "NONE"}
 _COMPRESS_BUFFER_BYTES = 2**26  # raw tiles tifffile gathers per parallel compression pass
 _BIGTIFF_RAW_BYTES = 2**32  # JPEG at these qualities is far smaller than raw RGB: a classic TIFF fits
+APERIO_THUMBNAIL_PX = 768  # long side of the SVS thumbnail page at most (scanners write ~1024x768)
+APERIO_LABEL_PX = 256  # side of the square label image
+_APERIO_SOFTWARE = "Aperio Image Library v12.0.0"
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -67,9 +71,10 @@ def write_pyramid_tiff(
     jpeg_quality: int = 90,
     mpp_metadata: MppMetadata = "aperio",
     resolution_unit: ResolutionUnit = "centimeter",
+    label_text: str = "nic-fast",
     workers: int | None = None,
 ) -> list[tuple[int, int]]:
-    """Write a tiled, JPEG-compressed pyramidal TIFF that cuCIM and OpenSlide both read.
+    """Write a tiled, JPEG-compressed pyramidal TIFF that cuCIM, OpenSlide and tifffile read.
 
     ``source`` is a whole uint8 RGB array (coarser levels are box-averaged from it) or a
     TileFn that renders any tile of any level (then ``height``/``width`` are required).
@@ -77,11 +82,15 @@ def write_pyramid_tiff(
     ~1024 px; tiles are produced and compressed on ``workers`` threads a few at a time,
     so memory stays bounded for a 40,000² slide.
 
-    µm/px: with ``mpp_metadata="aperio"`` page 0 gets an Aperio ImageDescription with
-    ``MPP`` (cuCIM's metadata["aperio"]["MPP"], OpenSlide's openslide.mpp-x) plus
-    centimetre resolution tags; with ``"resolution"`` only the TIFF resolution tags in
-    ``resolution_unit`` ("none" writes the µm/px value with no unit, which readers must
-    reject). ``mpp=None`` writes neither: tifffile's neutral 1/1 resolution, no unit.
+    µm/px: with ``mpp_metadata="aperio"`` the file is laid out as an Aperio SVS (see
+    :func:`_write_aperio`): page 0 gets an Aperio ImageDescription with ``MPP``
+    (cuCIM's metadata["aperio"]["MPP"], OpenSlide's openslide.mpp-x) plus centimetre
+    resolution tags, and a thumbnail, a label (``label_text`` as a barcode) and a macro
+    image join the levels. With ``"resolution"`` only the TIFF
+    resolution tags in ``resolution_unit`` ("none" writes the µm/px value with no unit,
+    which readers must reject) and a generic pyramid: levels as reduced-resolution pages
+    (NewSubfileType 1). ``mpp=None`` writes neither: tifffile's neutral 1/1 resolution,
+    no unit, generic pyramid.
 
     Returns the (height, width) of each level written.
     """
@@ -99,52 +108,107 @@ def write_pyramid_tiff(
     workers = workers or os.cpu_count() or 1
     levels = pyramid_dims(height, width)
     raw_bytes = sum(3 * h * w for _, h, w in levels)
+    aperio = mpp is not None and mpp_metadata == "aperio"
+    page = _PageWriter(tile_fn, tile_px=tile_px, jpeg_quality=jpeg_quality, workers=workers)
     with tifffile.TiffWriter(path, bigtiff=raw_bytes >= _BIGTIFF_RAW_BYTES) as tiff:
-        for ds, level_h, level_w in levels:
-            tiles = _ordered_map(
-                lambda yx, ds=ds: tile_fn(ds, yx[0], yx[1], tile_px, tile_px),
-                ((y, x) for y in range(0, level_h, tile_px) for x in range(0, level_w, tile_px)),
-                workers=workers,
-            )
-            tiff.write(
-                tiles,
-                shape=(level_h, level_w, 3),
-                dtype=np.uint8,
-                tile=(tile_px, tile_px),
-                photometric="rgb",
-                compression="jpeg",
-                compressionargs={"level": jpeg_quality},
-                subfiletype=0 if ds == 1 else 1,
-                metadata=None,
-                maxworkers=workers,
-                buffersize=_COMPRESS_BUFFER_BYTES,
-                **_mpp_tags(mpp, ds, width, height, tile_px, jpeg_quality, mpp_metadata, resolution_unit),
-            )
+        if aperio:
+            assert mpp is not None
+            _write_aperio(tiff, page, levels, mpp=mpp, label_text=label_text)
+        else:
+            for ds, level_h, level_w in levels:
+                page.level(tiff, ds, level_h, level_w, subfiletype=0 if ds == 1 else 1,
+                           **_resolution_tags(mpp, ds, resolution_unit))
     return [(h, w) for _, h, w in levels]
 
 
-def _mpp_tags(
-    mpp: float | None,
-    downsample: int,
-    width: int,
-    height: int,
-    tile_px: int,
-    jpeg_quality: int,
-    mpp_metadata: MppMetadata,
-    resolution_unit: ResolutionUnit,
-) -> dict[str, object]:
-    """tifffile keyword arguments carrying the µm/px of one page."""
+@dataclass(frozen=True)
+class _PageWriter:
+    """Writes the pages of one pyramid file: tiled JPEG levels and stripped images."""
+
+    tile_fn: TileFn
+    tile_px: int
+    jpeg_quality: int
+    workers: int
+
+    def level(self, tiff: tifffile.TiffWriter, ds: int, level_h: int, level_w: int, **tags: object) -> None:
+        tiles = _ordered_map(
+            lambda yx: self.tile_fn(ds, yx[0], yx[1], self.tile_px, self.tile_px),
+            ((y, x) for y in range(0, level_h, self.tile_px) for x in range(0, level_w, self.tile_px)),
+            workers=self.workers,
+        )
+        tiff.write(tiles, shape=(level_h, level_w, 3), dtype=np.uint8, tile=(self.tile_px, self.tile_px),
+                   photometric="rgb", compression="jpeg", compressionargs={"level": self.jpeg_quality},
+                   metadata=None, maxworkers=self.workers, buffersize=_COMPRESS_BUFFER_BYTES, **tags)
+
+    def render(self, ds: int, level_h: int, level_w: int) -> np.ndarray:
+        """A whole (small) level as one array, from its tiles."""
+        out = np.empty((level_h, level_w, 3), np.uint8)
+        for y in range(0, level_h, self.tile_px):
+            for x in range(0, level_w, self.tile_px):
+                tile = self.tile_fn(ds, y, x, self.tile_px, self.tile_px)
+                out[y : y + self.tile_px, x : x + self.tile_px] = tile[: level_h - y, : level_w - x]
+        return out
+
+
+def _write_aperio(tiff: tifffile.TiffWriter, page: _PageWriter, levels: list[tuple[int, int, int]], *, mpp: float,
+                  label_text: str) -> None:
+    """The page order and tags of an Aperio SVS, which every reader classifies the same way.
+
+    Aperio's layout (its "Digital Slides and Third-party data interchange" note, as
+    OpenSlide's aperio driver, cuCIM's TIFF loader and tifffile's SVS series read it):
+    the tiled baseline; a stripped thumbnail as the second page; the reduced levels,
+    tiled, NewSubfileType 0 (tifffile stops the level list at the first page marked
+    reduced); then a stripped label (NewSubfileType 1) and macro image (9). Readers
+    take the tiled pages as levels and the stripped ones as associated images.
+    """
+    _, height, width = levels[0]
+    thumbnail = _box_downsample(page.render(*levels[-1]), max(1, math.ceil(max(levels[-1][1:]) / APERIO_THUMBNAIL_PX)))
+    label = _label_image(label_text)
+    software = f"{_APERIO_SOFTWARE} \r\n{width}x{height} ({page.tile_px}x{page.tile_px}) JPEG/RGB Q={page.jpeg_quality}"
+    keys = f"|AppMag = {max(1, round(10 / mpp))}|MPP = {mpp:.6g}"
+    stripped = {"photometric": "rgb", "metadata": None, "rowsperstrip": 64}
+    for ds, level_h, level_w in levels:
+        reduced = f" -> {level_w}x{level_h}" if ds > 1 else ""
+        page.level(tiff, ds, level_h, level_w, subfiletype=0, description=f"{software}{reduced}{keys}",
+                   **_resolution_tags(mpp, ds, "centimeter"))
+        if ds == 1:
+            th, tw = thumbnail.shape[:2]
+            tiff.write(thumbnail, subfiletype=0, compression="jpeg", compressionargs={"level": page.jpeg_quality},
+                       description=f"{_APERIO_SOFTWARE} \n{width}x{height} -> {tw}x{th} - {keys}", **stripped)
+    tiff.write(label, subfiletype=1, compression="lzw",
+               description=f"{_APERIO_SOFTWARE} \nlabel {label.shape[1]}x{label.shape[0]}", **stripped)
+    macro = _macro_image(label, thumbnail)
+    tiff.write(macro, subfiletype=9, compression="jpeg", compressionargs={"level": page.jpeg_quality},
+               description=f"{_APERIO_SOFTWARE} \nmacro {macro.shape[1]}x{macro.shape[0]}", **stripped)
+
+
+def _resolution_tags(mpp: float | None, downsample: int, unit: ResolutionUnit) -> dict[str, object]:
+    """tifffile keyword arguments carrying the µm/px of one page (none without a µm/px)."""
     if mpp is None:
         return {}
-    unit = "centimeter" if mpp_metadata == "aperio" else resolution_unit
     px_per_unit = _RESOLUTION_UM[unit] / (mpp * downsample)
-    tags: dict[str, object] = {"resolution": (px_per_unit, px_per_unit), "resolutionunit": _TIFF_RESUNIT[unit]}
-    if mpp_metadata == "aperio" and downsample == 1:
-        tags["description"] = (
-            f"Aperio Image Library v12.0.0 \r\n{width}x{height} ({tile_px}x{tile_px}) JPEG/RGB Q={jpeg_quality}"
-            f"|AppMag = {max(1, round(10 / mpp))}|MPP = {mpp:.6g}"
-        )
-    return tags
+    return {"resolution": (px_per_unit, px_per_unit), "resolutionunit": _TIFF_RESUNIT[unit]}
+
+
+def _label_image(text: str) -> np.ndarray:
+    """A slide label: the name as a barcode of its bytes (one bar per bit), on white.
+
+    Drawn without fonts so that the same name gives the same pixels everywhere.
+    """
+    bits = np.unpackbits(np.frombuffer(text.encode() or b"\0", np.uint8))
+    bar_px = max(1, APERIO_LABEL_PX // (2 * len(bits) + 8))
+    label = np.full((APERIO_LABEL_PX, APERIO_LABEL_PX, 3), 250, np.uint8)
+    bars = np.repeat(np.where(bits, 20, 250).astype(np.uint8), bar_px)[: APERIO_LABEL_PX - 8 * bar_px]
+    top, bottom = APERIO_LABEL_PX // 4, APERIO_LABEL_PX // 2
+    label[top:bottom, 4 * bar_px : 4 * bar_px + len(bars)] = bars[None, :, None]
+    return label
+
+
+def _macro_image(label: np.ndarray, thumbnail: np.ndarray) -> np.ndarray:
+    """The whole glass slide as the macro camera sees it: label on the left, then the tissue."""
+    side = thumbnail.shape[0]
+    small_label = np.asarray(Image.fromarray(label).resize((side, side), Image.Resampling.BOX))
+    return np.ascontiguousarray(np.concatenate([small_label, thumbnail], axis=1))
 
 
 def _array_tile_fn(image: np.ndarray, levels: int) -> TileFn:
@@ -232,9 +296,26 @@ class _Field:
 
 
 @dataclass(frozen=True)
+class _Ink:
+    """One marker stroke: where it is (a soft band around a curve) and how it filters light."""
+
+    band: _Field  # half width minus the distance to the stroke's centre line, in µm
+    transmittance: np.ndarray  # float32 (3,): fraction of R, G, B light the ink lets through
+    opacity: float  # share of the band's area the ink covers (marker on glass is not quite solid)
+
+    def filter(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray | None:
+        """Per-pixel RGB factor (h, w, 3) of this stroke, None where it does not reach."""
+        if not self.band.may_exceed(rows, cols):
+            return None
+        alpha = (self.band.alpha(rows, cols) * self.opacity)[..., None]
+        return 1.0 - alpha * (1.0 - self.transmittance)
+
+
+@dataclass(frozen=True)
 class _Layout:
     tissue: _Field
     lesion: _Field | None
+    inks: tuple[_Ink, ...] = ()
 
 
 def _lerp_index(coords: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -274,8 +355,9 @@ def _gain_for_edge(values: np.ndarray, threshold: float, edge_um: float) -> floa
     return 1.0 / max(typical * edge_um, 1e-6)
 
 
-def _make_layout(height_um: float, width_um: float, seed: int, lesion: bool) -> _Layout:
-    """Tissue blobs covering 40-60 % of the slide and, if ``lesion``, 1-2 lesion blobs.
+def _make_layout(height_um: float, width_um: float, seed: int, lesion: bool, ink: bool = False) -> _Layout:
+    """Tissue blobs covering 40-60 % of the slide, if ``lesion`` 1-2 lesion blobs, and if
+    ``ink`` marker strokes over it.
 
     Everything is in physical units, so the same seed gives the same layout at any µm/px.
     """
@@ -296,7 +378,113 @@ def _make_layout(height_um: float, width_um: float, seed: int, lesion: bool) -> 
     fraction = rng.uniform(0.42, 0.58)
     threshold = float(np.quantile(tissue_values, 1.0 - fraction))
     tissue = _Field(tissue_values, threshold, _gain_for_edge(tissue_values, threshold, edge_um=20.0))
-    return _Layout(tissue, _make_lesion(tissue, seed) if lesion else None)
+    inks = _make_inks(shape, seed, distance_transform_edt(tissue_values < threshold) * LAYOUT_UM) if ink else ()
+    return _Layout(tissue, _make_lesion(tissue, seed) if lesion else None, inks)
+
+
+# Marker inks as the scanner sees them on glass: blue and green let their own colour
+# through and absorb most red; black absorbs everything.
+INK_TRANSMITTANCE = {
+    "blue": (0.15, 0.30, 0.65),
+    "green": (0.20, 0.55, 0.35),
+    "black": (0.08, 0.08, 0.09),
+}
+_INK_EDGE_UM = 8.0  # a marker's edge goes from clear to full ink over about this width
+_STROKE_POINTS = 65
+
+
+def _make_inks(shape: tuple[int, int], seed: int, glass_room_um: np.ndarray | None,
+               opacity: float | None = None) -> tuple[_Ink, ...]:
+    """1-3 wide marker strokes over a layout grid of ``shape`` cells: the first crosses the
+    slide (and so, mostly, its tissue); each other one crosses it too or is a short mark
+    on the glass beside the tissue (where ``glass_room_um``, the distance from each
+    layout cell to the nearest tissue, leaves room for one).
+
+    Widths are 5-10 % of the slide's short side (60-800 µm: a fine to broad marker on
+    a real slide), opacity 0.8-0.95 (or ``opacity``), colours blue, green or black.
+    """
+    rng = np.random.default_rng([seed, 3])
+    short_um = min(shape) * LAYOUT_UM
+    rows, cols = np.indices(shape, dtype=np.float32)
+    centres = np.stack([rows.ravel() + 0.5, cols.ravel() + 0.5], axis=1)
+    inks = []
+    for index in range(int(rng.integers(1, 4))):
+        colour = str(rng.choice(list(INK_TRANSMITTANCE)))
+        width_um = float(np.clip(rng.uniform(0.05, 0.10) * short_um, 60.0, 800.0))
+        on_glass = index > 0 and glass_room_um is not None and rng.uniform() < 0.5
+        if not on_glass:
+            curve = _crossing_curve(rng, shape)
+        else:
+            curve = _glass_mark(rng, glass_room_um, width_um)
+            if curve is None:
+                continue
+        distance_um = _distance_to_polyline(centres, curve).reshape(shape) * LAYOUT_UM
+        band = (0.5 * width_um - distance_um).astype(np.float32)
+        drawn_opacity = float(rng.uniform(0.8, 0.95))
+        inks.append(_Ink(_Field(band, 0.0, 1.0 / _INK_EDGE_UM), np.array(INK_TRANSMITTANCE[colour], np.float32),
+                         drawn_opacity if opacity is None else opacity))
+    return tuple(inks)
+
+
+def draw_marker_ink(rgb: np.ndarray, *, mpp: float, seed: int, opacity: float | None = None,
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """``rgb`` (uint8 (h, w, 3) at ``mpp`` µm/px) seen through 1-3 marker strokes crossing
+    it, as :func:`write_synthetic_slide` draws them (``opacity`` overrides theirs), and
+    the strokes' ground truth (bool (h, w): inside a stroke's nominal width). Inks a real
+    slide's pixels for measuring tissue detection under pen marks on real tissue.
+    """
+    height, width = rgb.shape[:2]
+    shape = (math.ceil(height * mpp / LAYOUT_UM) + 1, math.ceil(width * mpp / LAYOUT_UM) + 1)
+    rows = ((np.arange(height) + 0.5) * mpp / LAYOUT_UM).astype(np.float32)
+    cols = ((np.arange(width) + 0.5) * mpp / LAYOUT_UM).astype(np.float32)
+    inks = _make_inks(shape, seed, glass_room_um=None, opacity=opacity)
+    factors = [f for f in (ink.filter(rows, cols) for ink in inks) if f is not None]
+    mask = np.zeros((height, width), dtype=bool)
+    for ink in inks:
+        mask |= ink.band.alpha(rows, cols) >= 0.5
+    return _through_inks(rgb.astype(np.float32), factors), mask
+
+
+def _crossing_curve(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """A gently bent stroke from one side of the slide to the opposite one (layout cells)."""
+    h, w = shape
+    if rng.uniform() < 0.5:  # top to bottom
+        ends = np.array([[0.0, rng.uniform(0.1, 0.9) * w], [h, rng.uniform(0.1, 0.9) * w]])
+    else:  # left to right
+        ends = np.array([[rng.uniform(0.1, 0.9) * h, 0.0], [rng.uniform(0.1, 0.9) * h, w]])
+    bend = rng.uniform(-0.2, 0.2) * min(h, w)
+    return _bezier(ends[0], ends.mean(axis=0) + bend * _unit_normal(ends[1] - ends[0]), ends[1])
+
+
+def _glass_mark(rng: np.random.Generator, glass_room_um: np.ndarray, width_um: float) -> np.ndarray | None:
+    """A short straight mark that stays on glass, or None where no glass is wide enough."""
+    length_um = rng.uniform(3.0, 6.0) * width_um
+    room = np.argwhere(glass_room_um >= 0.5 * length_um + width_um)
+    if len(room) == 0:
+        return None
+    centre = room[rng.integers(len(room))] + 0.5
+    angle = rng.uniform(0, math.pi)
+    half = 0.5 * length_um / LAYOUT_UM * np.array([math.sin(angle), math.cos(angle)])
+    return _bezier(centre - half, centre, centre + half)
+
+
+def _bezier(p0: np.ndarray, p1: np.ndarray, p2: np.ndarray) -> np.ndarray:
+    t = np.linspace(0.0, 1.0, _STROKE_POINTS)[:, None]
+    return (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
+
+
+def _unit_normal(direction: np.ndarray) -> np.ndarray:
+    return np.array([-direction[1], direction[0]]) / max(float(np.hypot(*direction)), 1e-9)
+
+
+def _distance_to_polyline(points: np.ndarray, curve: np.ndarray) -> np.ndarray:
+    """Distance of each (y, x) point to the nearest segment of ``curve``."""
+    best = np.full(len(points), np.inf, np.float32)
+    for a, b in zip(curve[:-1], curve[1:], strict=True):
+        ab = b - a
+        t = np.clip(((points - a) @ ab) / max(float(ab @ ab), 1e-12), 0.0, 1.0)
+        best = np.minimum(best, np.hypot(*(points - a - t[:, None] * ab).T).astype(np.float32))
+    return best
 
 
 def _make_lesion(tissue: _Field, seed: int) -> _Field:
@@ -425,11 +613,31 @@ class _SlideRenderer:
             return tissue, None
         return tissue, lesion_field.alpha(rows, cols) * tissue
 
+    def ink_filters(self, downsample: int, y: int, x: int, height: int, width: int) -> list[np.ndarray]:
+        """The RGB factor of each marker stroke that reaches this tile."""
+        rows = self.layout_coords(downsample, y, height)
+        cols = self.layout_coords(downsample, x, width)
+        filters = (ink.filter(rows, cols) for ink in self.layout.inks)
+        return [f for f in filters if f is not None]
+
+    def ink_mask(self, downsample: int, y: int, x: int, height: int, width: int) -> np.ndarray:
+        """Pixels inside a stroke's nominal width (its ground truth), bool (height, width)."""
+        rows = self.layout_coords(downsample, y, height)
+        cols = self.layout_coords(downsample, x, width)
+        mask = np.zeros((height, width), dtype=bool)
+        for ink in self.layout.inks:
+            if ink.band.may_exceed(rows, cols):
+                mask |= ink.band.alpha(rows, cols) >= 0.5
+        return mask
+
     def tile(self, downsample: int, y: int, x: int, height: int, width: int) -> np.ndarray:
         bank = self.banks[downsample]
         tissue, lesion = self.masks(downsample, y, x, height, width)
+        inks = self.ink_filters(downsample, y, x, height, width)
         if not tissue.any():
-            return bank.window(bank.background_u8, y, x, height, width).copy()
+            if not inks:
+                return bank.window(bank.background_u8, y, x, height, width).copy()
+            return _through_inks(bank.window(bank.background_u8, y, x, height, width).astype(np.float32), inks)
         nuclei = bank.window(bank.nuclei, y, x, height, width)
         stroma = bank.window(bank.stroma, y, x, height, width)
         nucleus_rgb: np.ndarray = _NUCLEUS_RGB
@@ -443,7 +651,14 @@ class _SlideRenderer:
         else:
             base = stroma
         out = base + (nuclei * tissue)[..., None] * (nucleus_rgb - base)
-        return np.clip(out, 0, 255, out=out).astype(np.uint8)
+        return _through_inks(out, inks)
+
+
+def _through_inks(rgb: np.ndarray, inks: list[np.ndarray]) -> np.ndarray:
+    """Light through the slide and then through each stroke's ink (float RGB in, uint8 out)."""
+    for factor in inks:
+        rgb *= factor
+    return np.clip(rgb, 0, 255, out=rgb).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- slides
@@ -462,6 +677,9 @@ class SyntheticSlide:
     tissue_fraction: float  # of the slide area
     lesion_fraction: float  # of the tissue area (0 without lesion)
     mask_downsample: int
+    ink_mask_path: Path | None = None  # uint8 PNG, 255 = marker ink, like mask_path; None without ink
+    ink_fraction: float = 0.0  # of the slide area under marker ink
+    inked_tissue_fraction: float = 0.0  # of the tissue area under marker ink
 
 
 def write_synthetic_slide(
@@ -472,28 +690,37 @@ def write_synthetic_slide(
     mpp: float = REFERENCE_MPP,
     seed: int,
     lesion: bool,
+    ink: bool = False,
     tile_px: int = 256,
     workers: int | None = None,
 ) -> SyntheticSlide:
     """Write one H&E-like pyramidal slide and its lesion mask ``<stem>_mask.png`` beside it.
 
-    The layout depends on the seed and the physical size (height * mpp, width * mpp)
-    only, so the same seed at 0.25 µm/px and twice the pixels gives the same tissue.
+    With ``ink``, blue, green or black marker strokes are drawn over it (see
+    :func:`_make_inks`) and their ground truth goes to ``<stem>_ink.png``. The layout
+    depends on the seed and the physical size (height * mpp, width * mpp) only, so the
+    same seed at 0.25 µm/px and twice the pixels gives the same tissue.
     """
     if min(height, width) < 256:
         raise ValueError(f"synthetic slides need at least 256 px per side for tissue and lesion to show, got {height}x{width}")
     path = Path(path)
-    layout = _make_layout(height * mpp, width * mpp, seed, lesion)
+    layout = _make_layout(height * mpp, width * mpp, seed, lesion, ink)
     downsamples = [ds for ds, _, _ in pyramid_dims(height, width)]
     renderer = _SlideRenderer(layout, _texture_layers(seed, mpp, max(height, width)), mpp=mpp, downsamples=downsamples, tile_px=tile_px)
-    write_pyramid_tiff(path, renderer.tile, height=height, width=width, mpp=mpp, tile_px=tile_px, workers=workers)
+    write_pyramid_tiff(path, renderer.tile, height=height, width=width, mpp=mpp, tile_px=tile_px,
+                       label_text=f"nic-fast synthetic seed={seed}", workers=workers)
 
     mask_h, mask_w = math.ceil(height / MASK_DOWNSAMPLE), math.ceil(width / MASK_DOWNSAMPLE)
     tissue, lesion_alpha = renderer.masks(MASK_DOWNSAMPLE, 0, 0, mask_h, mask_w)
     tissue_px = tissue >= 0.5
     lesion_px = lesion_alpha >= 0.5 if lesion_alpha is not None else np.zeros_like(tissue_px)
     mask_path = path.with_name(f"{path.stem}_mask.png")
-    _write_mask_png(mask_path, lesion_px, mpp=mpp)
+    _write_mask_png(mask_path, lesion_px, mpp=mpp, what="lesion")
+    ink_path, ink_px = None, np.zeros_like(tissue_px)
+    if layout.inks:
+        ink_px = renderer.ink_mask(MASK_DOWNSAMPLE, 0, 0, mask_h, mask_w)
+        ink_path = path.with_name(f"{path.stem}_ink.png")
+        _write_mask_png(ink_path, ink_px, mpp=mpp, what="marker ink")
     return SyntheticSlide(
         path=path,
         mask_path=mask_path,
@@ -504,14 +731,17 @@ def write_synthetic_slide(
         tissue_fraction=float(tissue_px.mean()),
         lesion_fraction=float(lesion_px.sum() / max(tissue_px.sum(), 1)),
         mask_downsample=MASK_DOWNSAMPLE,
+        ink_mask_path=ink_path,
+        ink_fraction=float(ink_px.mean()),
+        inked_tissue_fraction=float((ink_px & tissue_px).sum() / max(tissue_px.sum(), 1)),
     )
 
 
-def _write_mask_png(path: Path, mask: np.ndarray, *, mpp: float) -> None:
+def _write_mask_png(path: Path, mask: np.ndarray, *, mpp: float, what: str) -> None:
     info = PngImagePlugin.PngInfo()
     info.add_text("downsample", str(MASK_DOWNSAMPLE))
     info.add_text("mpp", f"{mpp * MASK_DOWNSAMPLE:.6g}")
-    info.add_text("description", "nic-fast synthetic lesion mask: 255 = lesion, 0 = no lesion")
+    info.add_text("description", f"nic-fast synthetic {what} mask: 255 = {what}, 0 = none")
     Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path, pnginfo=info)
 
 
@@ -528,6 +758,7 @@ def write_synthetic_slides(
     size_px: int = 8192,
     mpp: float = REFERENCE_MPP,
     seed: int = 0,
+    ink: bool = False,
     workers: int | None = None,
     on_slide: Callable[[SyntheticSlide], None] | None = None,
 ) -> list[SyntheticSlide]:
@@ -537,7 +768,10 @@ def write_synthetic_slides(
     rounded either way, have a lesion. ``size_px`` is the side at 0.5 µm/px; sides vary
     by -15..+15 % and are rounded to 256 px there, then scaled to ``mpp``: ``mpp=0.25``
     gives the same slides at 40x (twice the px per side). Slide i depends only on the
-    seed and i, not on n. ``on_slide`` is called as each slide is done.
+    seed and i, not on n. With ``ink``, slides 0, 2, 4, ... get marker strokes and a
+    ``slide_NNN_ink.png`` (the others stay clean, as most of a real batch does; slide i
+    is the same slide either way, with or without its strokes). ``on_slide`` is called
+    as each slide is done.
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
@@ -556,6 +790,7 @@ def write_synthetic_slides(
             mpp=mpp,
             seed=int(rng.integers(2**63)),
             lesion=first_of_pair_has_lesion == (index % 2 == 0),
+            ink=ink and index % 2 == 0,
             workers=workers,
         )
         slides.append(slide)

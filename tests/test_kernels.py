@@ -189,6 +189,95 @@ def test_tissue_mask_blank_slide_has_no_tissue():
     assert threshold >= 20 and not mask.any()
 
 
+def reference_hue(rgb: np.ndarray) -> np.ndarray:
+    """HSV hue in whole degrees rounded down (0 for greys), in NumPy's floor division."""
+    r, g, b = (rgb[..., c].astype(np.int64) for c in range(3))
+    hi, lo = rgb.max(axis=-1).astype(np.int64), rgb.min(axis=-1).astype(np.int64)
+    chroma = np.maximum(hi - lo, 1)
+    hue = np.where(hi == r, (60 * (g - b)) // chroma,
+                   np.where(hi == g, 120 + (60 * (b - r)) // chroma, 240 + (60 * (r - g)) // chroma))
+    return np.where(hi == lo, 0, hue % 360)
+
+
+def reference_ink_evidence(rgb: np.ndarray, k: kernels.InkRule) -> np.ndarray:
+    r, g = rgb[..., 0].astype(np.int64), rgb[..., 1].astype(np.int64)
+    hi, lo = rgb.max(axis=-1).astype(np.int64), rgb.min(axis=-1).astype(np.int64)
+    chroma, hue, green = hi - lo, reference_hue(rgb), g - r
+    strong = (((chroma >= k.strong_chroma) & (hue >= k.strong_hue_lo) & (hue <= k.strong_hue_hi))
+              | ((chroma >= k.green_chroma) & (green >= k.strong_green_excess)) | (hi <= k.strong_dark)
+              | ((hi <= k.neutral_max) & (k.neutral_ratio * chroma <= hi)))
+    weak = (((chroma >= k.weak_chroma) & (hue >= k.weak_hue_lo) & (hue <= k.weak_hue_hi))
+            | ((chroma >= k.green_chroma) & (green >= k.weak_green_excess)) | (hi <= k.weak_dark))
+    return np.where(strong, 2, np.where(weak, 1, 0)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("rule", [kernels.InkRule(), kernels.InkRule(strong_hue_hi=200, weak_dark=0, neutral_ratio=2)],
+                         ids=["default", "other"])
+def test_ink_evidence_matches_numpy(rule):
+    """Every colour on a 5-level lattice (hue boundaries, greys, ties) plus random ones."""
+    levels = np.arange(0, 256, 5, dtype=np.uint8)
+    lattice = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), axis=-1).reshape(-1, 1, 3)
+    rng = np.random.default_rng(8)
+    rgb = np.concatenate([lattice, rng.integers(0, 256, (300_000, 1, 3), dtype=np.uint8)])
+    got = kernels.ink_evidence(rgb, rule)
+    np.testing.assert_array_equal(got, reference_ink_evidence(rgb, rule))
+    assert set(np.unique(got)) == {0, 1, 2}
+
+
+def test_ink_evidence_tells_pen_from_stain():
+    rgb = np.array([[
+        (68, 99, 171),  # blue marker on glass
+        (64, 62, 140),  # blue marker over eosin
+        (77, 149, 110),  # green marker on glass
+        (53, 53, 54),  # black marker on glass
+        (230, 150, 200),  # eosin
+        (88, 58, 140),  # hematoxylin-rich tissue
+        (50, 30, 66),  # the darkest tissue: possible black ink, counted only beside certain ink
+        (242, 240, 244),  # glass
+    ]], dtype=np.uint8)
+    np.testing.assert_array_equal(kernels.ink_evidence(rgb)[0], [2, 2, 2, 2, 0, 0, 1, 0])
+
+
+def test_ink_mask_keeps_strokes_not_specks():
+    rgb = np.full((60, 90, 3), (242, 240, 244), np.uint8)
+    rgb[10:50, 20:70] = (230, 150, 200)  # tissue
+    rgb[:, 40:46] = (68, 99, 171)  # a blue stroke from glass across the tissue
+    rgb[14:44, 40:46] = (64, 62, 140)  # ... darker where it lies on tissue
+    rgb[20:22, 62:64] = (61, 126, 144)  # a speck of margin dye on the tissue
+    rgb[30:32, 25:27] = (40, 30, 60)  # a dark nucleus cluster
+    ink = kernels.ink_mask(rgb, min_strong_px=20, dilate_px=0)
+    expected = np.zeros((60, 90), bool)
+    expected[:, 40:46] = True
+    np.testing.assert_array_equal(ink, expected)
+    grown = kernels.ink_mask(rgb, min_strong_px=20, dilate_px=2)
+    expected[:, 38:48] = True
+    np.testing.assert_array_equal(grown, expected)
+    assert not kernels.ink_mask(rgb, min_strong_px=10_000).any()
+    with pytest.raises(ValueError, match="min_strong_px"):
+        kernels.ink_mask(rgb, min_strong_px=0)
+
+
+def test_tissue_mask_exclude_is_never_tissue_nor_counted():
+    rgb = np.full((40, 60, 3), 240, np.uint8)
+    rgb[5:35, 5:55] = (200, 80, 160)
+    exclude = np.zeros((40, 60), bool)
+    exclude[18:22, 28:32] = True  # a 16-px hole the clean-up would fill
+    mask, _ = kernels.tissue_mask(rgb, max_hole_px=100, exclude=exclude)
+    assert mask[5:35, 5:55].sum() == 30 * 50 - 16 and not mask[exclude].any()
+    # Excluded pixels are left out of Otsu: saturated ink would lift the threshold above pale tissue.
+    rgb = np.full((40, 40, 3), 240, np.uint8)
+    rgb[:10] = (240, 200, 230)  # pale tissue, saturation 43
+    rgb[30:] = (60, 80, 200)  # blue ink, saturation 179
+    ink = np.zeros((40, 40), bool)
+    ink[30:] = True
+    plain, threshold = kernels.tissue_mask(rgb, min_threshold=0, max_threshold=255)
+    assert threshold == reference_saturation(rgb, 25)[0, 0] and not plain[:10].any()
+    cleaned, threshold = kernels.tissue_mask(rgb, min_threshold=0, max_threshold=255, exclude=ink)
+    assert threshold == 0 and cleaned[:10].all() and not cleaned[10:].any()
+    with pytest.raises(ValueError, match="exclude"):
+        kernels.tissue_mask(rgb, exclude=np.zeros((40, 61), bool))
+
+
 @pytest.mark.parametrize("stride,size", [(4.0, 4.0), (2.5, 2.5), (3.0, 5.0), (1.0, 1.0)])
 def test_cell_fraction_matches_numpy(stride, size):
     rng = np.random.default_rng(6)

@@ -179,3 +179,88 @@ def test_cli_synth_is_a_group_and_validates() -> None:
     assert "slides" in runner.invoke(synth, ["--help"]).output
     result = runner.invoke(synth, ["slides", "-o", "x", "--n", "0"])
     assert result.exit_code != 0 and "--n" in result.output
+
+
+def _stripes(downsample: int, y: int, x: int, height: int, width: int) -> np.ndarray:
+    cols = (np.arange(x, x + width) * downsample // 64) % 2
+    return np.broadcast_to((cols * 200 + 30).astype(np.uint8)[None, :, None], (height, width, 3)).copy()
+
+
+@pytest.mark.parametrize("mpp_metadata", ["aperio", "resolution"])
+def test_every_reader_sees_every_level(tmp_path: Path, mpp_metadata: str) -> None:
+    """tifffile's series (what TIAToolbox's TIFFWSIReader opens), OpenSlide, cuCIM and our
+    tifffile backend agree on the levels; an Aperio file is an SVS to all, with its
+    associated images."""
+    import openslide
+    import zarr
+    from cucim import CuImage
+
+    path = tmp_path / "s.tif"
+    dims = write_pyramid_tiff(path, _stripes, height=1100, width=4100, mpp=0.5, tile_px=128, workers=2,
+                              mpp_metadata=mpp_metadata)
+    assert len(dims) == 3
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_svs == (mpp_metadata == "aperio")
+        tifffile_levels = [level.shape[-3:-1] for level in tif.series[0].levels]
+        names = [series.name for series in tif.series]
+    group = zarr.open(tifffile.imread(path, series=0, aszarr=True), mode="r")
+    zarr_levels = [group[key].shape[-3:-1] for key in sorted(group.keys(), key=int)]
+    with openslide.OpenSlide(str(path)) as slide:
+        openslide_levels = [(h, w) for w, h in slide.level_dimensions]
+        openslide_images = set(slide.associated_images)
+        vendor = slide.properties["openslide.vendor"]
+    image = CuImage(str(path))
+    cucim_levels = [(h, w) for w, h in image.resolutions["level_dimensions"]]
+    with open_slide(path, backend="tifffile") as reader:
+        ours = reader.level_dims
+    assert tifffile_levels == zarr_levels == openslide_levels == cucim_levels == ours == dims
+    if mpp_metadata == "aperio":
+        assert names == ["Baseline", "Thumbnail", "Label", "Macro"]
+        assert vendor == "aperio" and openslide_images == {"thumbnail", "label", "macro"}
+        assert set(image.associated_images) == {"thumbnail", "label", "macro"}
+        with tifffile.TiffFile(path) as tif:
+            thumbnail = tif.series[1].asarray()
+        assert max(thumbnail.shape[:2]) <= 768 and abs(thumbnail.mean() - 130) < 10  # the stripes, scaled down
+    else:
+        assert vendor == "generic-tiff" and not openslide_images and not image.associated_images
+
+
+def test_synthetic_slide_is_an_svs_with_all_levels(tmp_path: Path) -> None:
+    slide = write_synthetic_slide(tmp_path / "s.tif", height=4352, width=1280, seed=4, lesion=False)
+    with tifffile.TiffFile(slide.path) as tif:
+        assert tif.is_svs
+        assert [level.shape[:2] for level in tif.series[0].levels] == [(h, w) for _, h, w in pyramid_dims(4352, 1280)]
+        label = tif.series[2].asarray()
+    again = write_synthetic_slide(tmp_path / "t.tif", height=4352, width=1280, seed=4, lesion=False)
+    assert hashlib.sha256(slide.path.read_bytes()).digest() == hashlib.sha256(again.path.read_bytes()).digest()
+    assert label.min() < 50 < 200 < label.max(), "the label carries a barcode"
+
+
+def test_ink_strokes_change_only_the_pixels_they_cover(tmp_path: Path) -> None:
+    from scipy.ndimage import binary_dilation
+
+    inked = write_synthetic_slide(tmp_path / "inked.tif", height=1536, width=1792, seed=21, lesion=True, ink=True)
+    clean = write_synthetic_slide(tmp_path / "clean.tif", height=1536, width=1792, seed=21, lesion=True)
+    assert inked.ink_mask_path == tmp_path / "inked_ink.png" and clean.ink_mask_path is None
+    assert not (tmp_path / "clean_ink.png").exists()
+    ink = np.asarray(Image.open(inked.ink_mask_path)) > 0
+    assert ink.shape == _mask(inked).shape and read_mask_downsample(inked.ink_mask_path) == MASK_DOWNSAMPLE
+    assert inked.ink_fraction == pytest.approx(ink.mean()) and 0.02 < inked.ink_fraction < 0.6
+    assert (inked.tissue_fraction, inked.lesion_fraction) == (clean.tissue_fraction, clean.lesion_fraction)
+    np.testing.assert_array_equal(_mask(inked), _mask(clean))
+    a, b = _pixels(inked.path)[0], _pixels(clean.path)[0]
+    # Away from the strokes (their soft edge, the JPEG blocks around it and their chroma upsampling) the
+    # pixels are the clean slide's.
+    near = np.kron(binary_dilation(ink, iterations=3), np.ones((MASK_DOWNSAMPLE,) * 2, bool))[: a.shape[0], : a.shape[1]]
+    np.testing.assert_array_equal(a[~near], b[~near])
+    inside = np.kron(ink, np.ones((MASK_DOWNSAMPLE,) * 2, bool))[: a.shape[0], : a.shape[1]]
+    assert (a[inside].astype(int).sum(axis=-1) < b[inside].astype(int).sum(axis=-1) - 60).mean() > 0.9, "ink darkens"
+
+
+def test_cli_synth_slides_with_ink(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(synth, ["slides", "-o", str(out), "--n", "2", "--size", "1024", "--ink"])
+    assert result.exit_code == 0, result.output
+    first, second = result.output.splitlines()[:2]
+    assert "ink=" in first and "ink=" not in second
+    assert (out / "slide_000_ink.png").exists() and not (out / "slide_001_ink.png").exists()

@@ -43,6 +43,10 @@ def test_demo_reports_a_cross_validated_auc_and_a_scored_heatmap(demo: tuple[Pat
     report = json.loads((out / "heatmap.json").read_text())
     assert 0.0 <= report["jaccard"] <= 1.0 and report["networks"].startswith("held-out network of rotation")
     assert (out / "heatmap.png").stat().st_size > 10_000
+    assert report["overlay"]["drawn_on"] == "slide" and report["overlay"]["mpp"] == pytest.approx(2.0)
+    contours = json.loads((out / "heatmap.geojson").read_text())
+    assert contours["type"] == "FeatureCollection" and contours["features"]
+    assert report["files"]["map"] == str(out / "heatmap.tif") and report["map_mpp"] == pytest.approx(64.0)
     with open(out / "slides" / "labels.csv", newline="") as f:
         first_lesion = next(row["slide"] for row in csv.DictReader(f) if row["label"] == "1")
     assert Path(report["store"]).name == first_lesion.replace(".tif", ".zarr")

@@ -17,7 +17,6 @@ from nic_fast.train.gradcam import (
     jaccard,
     lesion_cells,
     mask_to_grid,
-    save_overlay,
     slide_heatmap,
 )
 from nic_fast.train.model import ModelConfig, NICNet, TrainedModel
@@ -130,15 +129,6 @@ def test_a_mask_of_another_slide_is_refused(tmp_path: Path) -> None:
                                    np.ones((10, 12), bool)))
     with pytest.raises(ValueError, match="does not cover"):
         mask_to_grid(_mask_png(tmp_path / "m.png", np.ones((20, 20), bool), 16), slide)
-
-
-def test_overlay_png(tmp_path: Path) -> None:
-    path, square = _square_store(tmp_path / "s.zarr")
-    slide = open_store(path)
-    out = save_overlay(tmp_path / "h.png", slide, square.astype(np.float32), predicted=square, truth=square,
-                       title="test")
-    with Image.open(out) as image:
-        assert image.format == "PNG" and min(image.size) > 100
 
 
 def test_masks_of_plain_image_stores_use_pixel_units(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""`nic-fast heatmap`: Grad-CAM of a trained run over a whole store, drawn on its thumbnail."""
+"""`nic-fast heatmap`: Grad-CAM of a trained run over a whole store, drawn on the slide,
+with GeoJSON contours and a float32 TIFF that viewers align with the slide."""
 from __future__ import annotations
 
 import json
@@ -7,10 +8,19 @@ from pathlib import Path
 import click
 import numpy as np
 
+from nic_fast.annotations import write_geojson
 from nic_fast.store import StoreError, open_store
 from nic_fast.train.evaluate import predict_store
 from nic_fast.train.fit import RunError, TrainedRun
-from nic_fast.train.gradcam import jaccard, lesion_cells, mask_to_grid, save_overlay, slide_heatmap
+from nic_fast.train.gradcam import jaccard, lesion_cells, mask_to_grid, slide_heatmap
+from nic_fast.train.heatmap_files import (
+    DISPLAY_MPP,
+    MAX_DISPLAY_PX,
+    heatmap_geojson,
+    save_overlay,
+    slide_background,
+    write_heatmap_tiff,
+)
 from nic_fast.train.sampler import StoreSampler
 
 
@@ -18,7 +28,8 @@ from nic_fast.train.sampler import StoreSampler
 @click.argument("run_dir", metavar="RUN", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--out", "out_png", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="PNG to write; the raw heatmap goes beside it as .npy and the scores as .json.")
+              help="PNG to write; beside it go .npy (raw map), .json (scores), .geojson (contours) and .tif "
+                   "(float32 map in slide coordinates).")
 @click.option("--mask", "mask_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Ground-truth lesion mask image (non-zero = lesion), e.g. synth's <slide>_mask.png: "
                    "reports the Jaccard index of the post-processed heatmap.")
@@ -30,14 +41,22 @@ from nic_fast.train.sampler import StoreSampler
 @click.option("--smooth-cells", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="Gaussian blur (standard deviation, grid cells) before the post-processing threshold; "
                    "helps where the evidence is sparse cells inside the region (the synthetic digit canvases).")
+@click.option("--display-mpp", default=DISPLAY_MPP, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="µm/px of the slide image the PNG is drawn on (coarser where --max-px requires).")
+@click.option("--max-px", default=MAX_DISPLAY_PX, show_default=True, type=click.IntRange(min=256),
+              help="Long side of the PNG's slide image at most.")
 @click.option("--device", default="cpu", show_default=True)
 def heatmap(run_dir: Path, store: Path, out_png: Path, mask_path: Path | None, lesion_value: int | None,
-            target: int | None, smooth_cells: float, device: str) -> None:
+            target: int | None, smooth_cells: float, display_mpp: float, max_px: int, device: str) -> None:
     """Grad-CAM on the first conv layer over STORE's whole grid, upsampled onto its thumbnail.
 
-    Writes OUT.png (heatmap over the thumbnail; white outline: post-processed heatmap,
-    green: the mask), OUT.npy (raw heatmap, float32 (H', W'), one value per grid cell)
-    and OUT.json (prediction, networks used, Jaccard).
+    (That first line is the one nic_fast.cli registers; the overlay is in fact drawn on the
+    slide itself, as follows.) Writes OUT.png (heatmap over the original slide read at --display-mpp, or over the
+    store's thumbnail when the slide file is gone; white outline: post-processed heatmap,
+    green: the mask; colour bar, legend, scale bar), OUT.npy (raw heatmap, float32
+    (H', W'), one value per grid cell), OUT.geojson (QuPath annotations: contours at 25,
+    50 and 75 % of the maximum, level-0 px), OUT.tif (the map as a float32 TIFF with its
+    µm/px, one pixel per cell) and OUT.json (prediction, networks used, Jaccard, files).
     """
     try:
         run = TrainedRun.open(run_dir)
@@ -60,9 +79,19 @@ def heatmap(run_dir: Path, store: Path, out_png: Path, mask_path: Path | None, l
     shown = float(prediction.max()) if run.config.task == "multiclass" else float(prediction)
     title = f"{slide.path.name}: prediction {shown:.3f}" + (f", Jaccard {score:.3f}" if score is not None else "")
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    save_overlay(out_png, slide, raw, predicted=predicted, truth=truth, title=title)
+    background = slide_background(slide, display_mpp=display_mpp, max_px=max_px)
+    if background.note:
+        click.echo(f"note: {slide.path.name}: {background.note}", err=True)
+    save_overlay(out_png, background, slide, raw, predicted=predicted, truth=truth, title=title)
     np.save(out_png.with_suffix(".npy"), raw)
+    write_geojson(out_png.with_suffix(".geojson"), heatmap_geojson(slide, raw, smooth_cells=smooth_cells))
+    tiff_mpp = write_heatmap_tiff(out_png.with_suffix(".tif"), slide, raw)
     report = {"store": str(store), "networks": which, "target": target, "prediction": prediction.tolist(),
-              "jaccard": score, "mask": str(mask_path) if mask_path else None}
+              "jaccard": score, "mask": str(mask_path) if mask_path else None,
+              "overlay": {"drawn_on": background.source, "mpp": background.mpp,
+                          "level0_px_per_px": background.level0_px_per_px, "note": background.note or None},
+              "files": {kind: str(out_png.with_suffix(suffix)) for kind, suffix in
+                        (("overlay", ".png"), ("raw", ".npy"), ("contours", ".geojson"), ("map", ".tif"))},
+              "map_mpp": tiff_mpp}
     out_png.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     click.echo(f"{out_png}: {title} ({which})")

@@ -33,20 +33,24 @@ def synth() -> None:
     help="Scanned µm/px; 0.25 gives 40x slides of the same tissue, twice the px per side.",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same slides.")
-def slides(out_dir: Path, n: int, size_px: int, mpp: float, seed: int) -> None:
-    """H&E-like pyramidal TIFF slides, about half with a lesion, plus labels.csv.
+@click.option("--ink/--no-ink", default=False, show_default=True,
+              help="Draw blue, green and black marker strokes over slides 0, 2, 4, ... (slide_NNN_ink.png: where).")
+def slides(out_dir: Path, n: int, size_px: int, mpp: float, seed: int, ink: bool) -> None:
+    """H&E-like pyramidal slides (Aperio SVS layout, .tif), about half with a lesion, plus labels.csv.
 
     Each slide_NNN.tif gets slide_NNN_mask.png beside it (255 = lesion, at 1/16 of
-    level 0); labels.csv has columns slide,label (1 = lesion).
+    level 0); labels.csv has columns slide,label (1 = lesion). With --ink, inked slides
+    also get slide_NNN_ink.png (255 = marker ink, same scale).
     """
 
     def report(slide: SyntheticSlide) -> None:
+        inked = f"  ink={slide.ink_fraction:.0%} of the slide" if slide.ink_mask_path else ""
         click.echo(
             f"{slide.path}  {slide.height}x{slide.width} px  {slide.mpp:g} µm/px  label={slide.label}  "
-            f"tissue={slide.tissue_fraction:.0%}  lesion={slide.lesion_fraction:.1%} of tissue"
+            f"tissue={slide.tissue_fraction:.0%}  lesion={slide.lesion_fraction:.1%} of tissue{inked}"
         )
 
-    write_synthetic_slides(out_dir, n, size_px=size_px, mpp=mpp, seed=seed, on_slide=report)
+    write_synthetic_slides(out_dir, n, size_px=size_px, mpp=mpp, seed=seed, ink=ink, on_slide=report)
     click.echo(f"labels: {out_dir / 'labels.csv'}")
 
 

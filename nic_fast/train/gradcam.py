@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
@@ -29,7 +28,7 @@ from nic_fast.store import CompressedSlide
 from nic_fast.train.model import TrainedModel
 
 __all__ = ["HEATMAP_THRESHOLD", "grad_cam", "inverse_dihedral", "jaccard", "lesion_cells", "level0_px_per_cell",
-           "mask_to_grid", "save_overlay", "slide_heatmap"]
+           "mask_to_grid", "slide_heatmap"]
 
 HEATMAP_THRESHOLD = 0.5  # of the heatmap's maximum on tissue
 
@@ -140,32 +139,3 @@ def mask_to_grid(mask_path: str | Path, slide: CompressedSlide, lesion_value: in
     fraction = binary.resize((width, height), resample=Image.Resampling.BOX,
                              box=(0.0, 0.0, width * cell_px, height * cell_px))
     return np.asarray(fraction) >= 128
-
-
-def save_overlay(path: str | Path, slide: CompressedSlide, heatmap: np.ndarray, *, predicted: np.ndarray,
-                 truth: np.ndarray | None, title: str) -> Path:
-    """A PNG of the heatmap (on tissue, scaled to its maximum) over the store's thumbnail,
-    outlining the post-processed heatmap (white) and, when given, the ground truth (green).
-
-    Drawn on a bare matplotlib Figure (Agg), so pyplot's global state is left alone.
-    """
-    height, width = slide.grid_shape
-    thumb_px_per_cell = level0_px_per_cell(slide) / slide.attrs["thumbnail_downsample"]
-    extent = (0.0, width * thumb_px_per_cell, height * thumb_px_per_cell, 0.0)
-    thumb_h, thumb_w = slide.thumbnail.shape[:2]
-    figure = Figure(figsize=(8, 8 * thumb_h / thumb_w), dpi=150)
-    axes = figure.subplots()
-    axes.imshow(slide.thumbnail)
-    on_tissue = np.where(slide.tissue, heatmap, 0.0)
-    peak = float(on_tissue.max()) or 1.0
-    axes.imshow(np.ma.masked_less_equal(on_tissue / peak, 0.05), cmap="inferno", alpha=0.55, vmin=0, vmax=1,
-                extent=extent, interpolation="bilinear")
-    centres = (np.arange(width) + 0.5) * thumb_px_per_cell, (np.arange(height) + 0.5) * thumb_px_per_cell
-    axes.contour(*centres, predicted.astype(float), levels=[0.5], colors="white", linewidths=1.2)
-    if truth is not None:
-        axes.contour(*centres, truth.astype(float), levels=[0.5], colors="lime", linewidths=1.2)
-    axes.set_title(title, fontsize=9)
-    axes.set_axis_off()
-    path = Path(path)
-    figure.savefig(path, bbox_inches="tight")
-    return path
