@@ -18,6 +18,7 @@ they always take the CPU engine (the encoder itself still runs on ``device``).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from nic_fast.engine.base import (
     check_output,
 )
 from nic_fast.engine.cpu import CpuEngine
+from nic_fast.annotations import MaskFileError, find_mask_for, read_tissue_mask, tissue_geojson, write_geojson
 from nic_fast.grid import DIHEDRAL, GridGeometry, Tile
 from nic_fast.job import (
     DECODERS,
@@ -50,7 +52,7 @@ from nic_fast.job import (
 )
 from nic_fast.slides import SlideError, SlideReader, choose_level, load_mpp_csv, open_slide, resolve_slide_mpp
 from nic_fast.store import CellGeometry, ClaimLost, StoreError, StoreWriter
-from nic_fast.tissue import TissueMap, detect_tissue
+from nic_fast.tissue import TissueMap, detect_tissue, tissue_from_mask
 
 __all__ = ["CompressOptions", "Compressor", "SlideResult", "failure_reason"]
 
@@ -64,7 +66,7 @@ CPU_READER_THREADS = 2  # on the CPU the encoder needs the cores too
 def failure_reason(exc: BaseException) -> str:
     """One line for a failed slide: our own errors say what to do already; others keep
     their type so a bug is recognisable."""
-    if isinstance(exc, (SlideError, StoreError, EncoderError, EncoderOutputError)):
+    if isinstance(exc, (SlideError, StoreError, EncoderError, EncoderOutputError, MaskFileError)):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
@@ -202,8 +204,9 @@ class Compressor:
                                            downsample=choice.downsample)
             self._check_grid(slide, grid, level_h, level_w, choice)
             t0 = time.perf_counter()
-            thumbnail, thumb_downsample = self._thumbnail(reader, choice.level, grid)
-            tissue = self._tissue(thumbnail, grid, reader.level_downsamples[choice.level] / thumb_downsample)
+            thumbnail, unknown, thumb_downsample = self._thumbnail(reader, choice.level, grid)
+            tissue = self._tissue(slide, reader, thumbnail, unknown, grid, thumb_downsample,
+                                  reader.level_downsamples[choice.level] / thumb_downsample)
             thumbnail = np.repeat(thumbnail, 3, axis=2) if thumbnail.shape[2] == 1 else thumbnail
             timings.thumbnail_s = time.perf_counter() - t0
             n_cells = int(tissue.cells.sum())
@@ -213,7 +216,8 @@ class Compressor:
                 on_start(slide, n_cells * len(self.variants))
             attrs = self._attrs(slide, reader, choice, grid, tissue, thumb_downsample)
             config = {key: attrs[key] for key in ("source", "mpp", "level", "downsample", "patch_px", "stride_px",
-                                                  "augmentations", "min_tissue", "background", "tile_cells")}
+                                                  "augmentations", "min_tissue", "background", "tile_cells",
+                                                  "tissue_detection")}
             config["encoder_sha256"] = self.encoder.spec.sha256
             geometry = CellGeometry(stride_px=self.stride_px, patch_px=self.patch_px,
                                     level0_px_per_px=reader.level_downsamples[choice.level] * choice.downsample,
@@ -236,6 +240,8 @@ class Compressor:
         extra = {"timings": timings.as_attrs(), "device": str(self.device), **totals,
                  "valid_fraction": 1.0 - totals["invalid_cells"] / max(1, grid.height * grid.width),
                  "patches": patches, "patches_per_s": round(patches / seconds, 2), **streamed.attrs}
+        if not self.pixel_units and reader.channels == 3:
+            extra["tissue_geojson"] = self._write_tissue_geojson(final, slide, tissue, thumb_downsample).name
         store.publish(extra, overwrite=replace, still_owned=still_owned)
         return SlideResult(str(slide), "ok", store=str(final), patches=patches, patches_per_s=patches / seconds,
                            grid_shape=grid.shape, tissue_fraction=tissue.tissue_fraction,
@@ -276,23 +282,44 @@ class Compressor:
         choice = choose_level(level_mpps, self.options.mpp, self.options.mpp_tolerance, slide=slide.name)
         return ReadPlanLevel(choice.level, choice.downsample, choice.level_mpp, choice.working_mpp)
 
-    def _tissue(self, thumbnail: np.ndarray, grid: GridGeometry, thumb_px_per_level_px: float) -> TissueMap:
-        """Cells to encode. Saturation finds stained tissue on RGB; a grayscale image has
-        none to measure, so every one of its cells is encoded."""
+    def _tissue(self, slide: Path, reader: SlideReader, thumbnail: np.ndarray, unknown: np.ndarray,
+                grid: GridGeometry, thumb_downsample: float, thumb_px_per_level_px: float) -> TissueMap:
+        """Cells to encode: the user's mask file where ``--tissue-masks`` has one for this slide,
+        else found on the thumbnail (saturation, ink removed). A grayscale image has no stain
+        to measure, so every one of its cells is encoded."""
         if thumbnail.shape[2] == 1:
             ones = np.ones(grid.shape, np.float32)
             return TissueMap(mask=np.ones(thumbnail.shape[:2], bool), fraction=ones, cells=ones.astype(bool),
-                             threshold=0)
+                             threshold=0, method="every cell (grayscale image)")
+        mask_file = find_mask_for(slide, self.options.tissue_masks) if self.options.tissue_masks else None
+        if mask_file is not None:
+            mask = read_tissue_mask(mask_file, mask_shape=thumbnail.shape[:2], level0_px_per_mask_px=thumb_downsample,
+                                    level0_shape=reader.level_dims[0])
+            return tissue_from_mask(mask, grid, thumb_px_per_level_px=thumb_px_per_level_px,
+                                    method=f"mask file {mask_file.name}", min_fraction=self.options.min_tissue)
+        if self.options.tissue_masks:
+            log.warning("%s: no mask file for it in %s; tissue found automatically", slide, self.options.tissue_masks)
         return detect_tissue(thumbnail, grid, min_fraction=self.options.min_tissue,
-                             thumb_px_per_level_px=thumb_px_per_level_px)
+                             thumb_px_per_level_px=thumb_px_per_level_px, unknown=unknown)
 
-    def _thumbnail(self, reader: SlideReader, level: int, grid: GridGeometry) -> tuple[np.ndarray, float]:
-        """Thumbnail with ``thumb_px_per_cell`` pixels per cell stride (capped in size), and
-        its downsample relative to level 0."""
+    def _thumbnail(self, reader: SlideReader, level: int, grid: GridGeometry) -> tuple[np.ndarray, np.ndarray, float]:
+        """Thumbnail with ``thumb_px_per_cell`` pixels per cell stride (capped in size), its
+        pixels over unreadable tiles, and its downsample relative to level 0."""
         level0_stride = grid.level_stride_px * reader.level_downsamples[level]
         height0, width0 = reader.level_dims[0]
         downsample = max(level0_stride / self.options.thumb_px_per_cell, max(height0, width0) / MAX_THUMBNAIL_PX, 1.0)
-        return reader.thumbnail(downsample), downsample
+        thumbnail, unknown = reader.thumbnail_checked(downsample)
+        return thumbnail, unknown, downsample
+
+    @staticmethod
+    def _write_tissue_geojson(final: Path, slide: Path, tissue: TissueMap, thumb_downsample: float) -> Path:
+        """``OUT/<name>.tissue.geojson``: the tissue regions as QuPath annotations (level-0 px),
+        written beside the store by the claim's owner just before it publishes."""
+        path = final.with_name(final.name.removesuffix(".zarr") + ".tissue.geojson")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        write_geojson(tmp, tissue_geojson(tissue.mask, thumb_downsample, name=slide.name))
+        os.replace(tmp, path)
+        return path
 
     def _attrs(self, slide: Path, reader: SlideReader, choice: ReadPlanLevel, grid: GridGeometry, tissue: TissueMap,
                thumb_downsample: float) -> dict[str, Any]:
@@ -316,7 +343,7 @@ class Compressor:
             "grid_shape": list(grid.shape),
             "tissue_fraction": tissue.tissue_fraction,
             "tissue_threshold": tissue.threshold,
-            "tissue_detection": "every cell (grayscale image)" if reader.channels == 1 else "HSV saturation, Otsu",
+            "tissue_detection": tissue.method,
             "min_tissue": self.options.min_tissue,
             "background": self.options.background,
             "background_embedding": "embedding of a white patch" if self.options.background == "blank" else "zeros",

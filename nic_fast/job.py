@@ -46,6 +46,7 @@ class CompressOptions:
     slide_mpp_csv: Path | None = None
     overwrite: bool = False
     min_tissue: float = 0.1  # tissue fraction for a cell to be encoded
+    tissue_masks: Path | None = None  # folder of users' masks (QuPath GeoJSON, PNG/TIFF), one per slide
     tile_cells: int = 16  # cells per tile side: one region read and one Zarr chunk
     background: str = "blank"  # "blank": embedding of a white patch; "zero": zeros
     thumb_px_per_cell: int = 8  # enough for the tissue mask; keeps the thumbnail read to a coarse level

@@ -45,7 +45,7 @@ def _cell_footprint(grid: GridGeometry, thumb_px_per_level_px: float) -> tuple[f
 
 
 def detect_tissue(thumbnail: np.ndarray, grid: GridGeometry, *, thumb_px_per_level_px: float,
-                  min_fraction: float = 0.1, remove_ink: bool = True) -> TissueMap:
+                  min_fraction: float = 0.1, remove_ink: bool = True, unknown: np.ndarray | None = None) -> TissueMap:
     """Tissue mask of ``thumbnail`` and the grid cells with at least ``min_fraction`` tissue.
 
     ``thumb_px_per_level_px`` maps the grid's level pixels to thumbnail pixels. Specks
@@ -54,11 +54,19 @@ def detect_tissue(thumbnail: np.ndarray, grid: GridGeometry, *, thumb_px_per_lev
     ``remove_ink``, marker strokes (:func:`nic_fast.kernels.ink_mask`; a stroke holds
     at least ``INK_MIN_CELLS`` cells' area of certain ink) are never tissue: saturated
     blue or green ink would otherwise pass as stained tissue, on glass and over tissue.
+
+    ``unknown`` (bool, the thumbnail's shape) marks pixels over tiles that could not be
+    read: nothing is known there, so they are left out of Otsu's histogram and counted as
+    tissue — their cells are then read, found unreadable and stored as not ``valid``,
+    rather than silently taken for glass.
     """
     stride, size, cell_area_px = _cell_footprint(grid, thumb_px_per_level_px)
     ink = kernels.ink_mask(thumbnail, min_strong_px=INK_MIN_CELLS * cell_area_px) if remove_ink else None
+    exclude = ink if unknown is None or not unknown.any() else (unknown if ink is None else ink | unknown)
     mask, threshold = kernels.tissue_mask(thumbnail, min_object_px=cell_area_px // 2, max_hole_px=cell_area_px // 2,
-                                          exclude=ink)
+                                          exclude=exclude)
+    if unknown is not None and unknown.any():
+        mask = mask | unknown
     fraction = kernels.cell_fraction(mask, grid.shape, stride_px=stride, size_px=size)
     return TissueMap(mask=mask, fraction=fraction, cells=fraction >= min_fraction, threshold=threshold,
                      method=METHOD_SATURATION_INK if remove_ink else METHOD_SATURATION, ink=ink)

@@ -82,7 +82,7 @@ _reads = [0]
 def read_region_checked(self, level, y, x, height, width):  # the engine's tile reads
     if self.path.name == os.environ["NIC_FAST_TEST_SEGFAULT"]:
         _reads[0] += 1
-        if _reads[0] == 1:  # mid-slide: the store is started, its first region is being read
+        if _reads[0] == 2:  # mid-slide: after the thumbnail, at the first tile region (the store is started)
             os.kill(os.getpid(), signal.SIGSEGV)
     return _original(self, level, y, x, height, width)
 

@@ -116,8 +116,8 @@ def test_failed_slides_are_isolated_and_reported(tmp_path, cmu_svs):
     assert status["missing.svs"]["status"] == "failed"
     reason = status["no_mpp.tif"]["reason"]
     assert status["no_mpp.tif"]["status"] == "failed" and "--slide-mpp" in reason and "--slide-mpp-csv" in reason
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.zarr", "qc", "records", "report.html", "runs",
-                                                                 "summary.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.tissue.geojson", "good.zarr", "qc", "records",
+                                                                 "report.html", "runs", "summary.json"]
     assert (tmp_path / "out" / "qc" / "good.png").is_file()
     # the override rescues the slide without metadata; the good one is skipped, and the summary, rebuilt
     # from both runs' records, keeps its outcome
@@ -138,8 +138,8 @@ def test_skip_and_overwrite(tmp_path):
     (redo,) = compress([slide], tmp_path / "out", overwrite=True)
     assert redo.status == "ok"
     assert open_store(tmp_path / "out" / "s.zarr").attrs["timings"] != created
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["qc", "records", "report.html", "runs", "s.zarr",
-                                                                 "summary.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["qc", "records", "report.html", "runs",
+                                                                 "s.tissue.geojson", "s.zarr", "summary.json"]
 
 
 def test_interrupted_slide_is_never_visible_and_resumes(tmp_path, conv_encoder, monkeypatch):

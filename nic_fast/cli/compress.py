@@ -169,6 +169,9 @@ class _Display:
 @click.option("--slide-mpp", type=float, default=None, help="Scanned µm/px for all given slides (overrides metadata).")
 @click.option("--slide-mpp-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="CSV with columns slide,mpp giving each slide's scanned µm/px.")
+@click.option("--tissue-masks", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder of tissue masks to use instead of the automatic one: per slide <stem>.geojson (QuPath "
+                   "annotations: Tissue or unclassified, minus Ignore*) or a binary <stem>.png/.tif at any size.")
 @click.option("--min-tissue", default=0.1, show_default=True, type=click.FloatRange(0, 1),
               help="Tissue fraction a cell needs to be encoded.")
 @click.option("--background", type=click.Choice(["blank", "zero"]), default="blank", show_default=True,
@@ -189,7 +192,7 @@ def compress(ctx: click.Context, slides: tuple[Path, ...], out_dir: Path, slides
              ext: str | None, store_names: str, encoder: str, mpp: float | None, patch_px: int | None,
              stride_px: int | None, augment: bool, batch_size: int, workers: int | None, device: str | None,
              gpus: str | None, reader: str, precision: str, decode: str, cuda_graph: bool, slide_mpp: float | None,
-             slide_mpp_csv: Path | None, min_tissue: float, background: str, overwrite: bool, lease_s: float,
+             slide_mpp_csv: Path | None, tissue_masks: Path | None, min_tissue: float, background: str, overwrite: bool, lease_s: float,
              max_attempts: int, stuck_s: float, qc: bool) -> None:
     """Compress whole-slide images into latent grids, one Zarr store per slide.
 
@@ -216,7 +219,7 @@ def compress(ctx: click.Context, slides: tuple[Path, ...], out_dir: Path, slides
                                   batch_size=batch_size, workers=workers, device="cuda" if gpus else device or "cpu",
                                   precision=precision, decode=decode, cuda_graph=cuda_graph, reader=reader,
                                   slide_mpp=slide_mpp, slide_mpp_csv=slide_mpp_csv, overwrite=overwrite,
-                                  min_tissue=min_tissue, background=background)
+                                  tissue_masks=tissue_masks, min_tissue=min_tissue, background=background)
         check_options(options)
     except (InputError, ValueError, SlideError) as exc:
         raise click.UsageError(str(exc)) from exc

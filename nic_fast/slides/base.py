@@ -233,17 +233,27 @@ class SlideReader(abc.ABC):
         the coarsest level that is not coarser than requested and read block by block,
         so even a single-level gigapixel slide never has to fit in memory.
         """
+        return self.thumbnail_checked(downsample)[0]
+
+    def thumbnail_checked(self, downsample: float) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`thumbnail` read with every tile checked, and a bool mask of the thumbnail
+        pixels that cover unreadable or corrupt tiles (white in the thumbnail: nothing is
+        known there, so a caller should not take them for glass)."""
         if downsample <= 0:
             raise ValueError(f"thumbnail downsample must be positive, got {downsample}")
         level = self._thumbnail_level(downsample)
         full_h, full_w = self.level_dims[0]
         level_h, level_w = self.level_dims[level]
         out_h, out_w = math.ceil(full_h / downsample), math.ceil(full_w / downsample)
+        unknown = np.zeros((out_h, out_w), bool)
         # Output pixel k spans [k * step, (k + 1) * step) level pixels on each axis.
         step_y = downsample * level_h / full_h
         step_x = downsample * level_w / full_w
         if step_y == 1.0 and step_x == 1.0:  # a level at exactly this downsample: no resampling
-            return self.read_region(level, 0, 0, out_h, out_w)
+            read = self.read_region_checked(level, 0, 0, out_h, out_w)
+            for y0, x0, y1, x1, _ in read.bad:
+                unknown[y0:y1, x0:x1] = True
+            return read.pixels, unknown
         block_h = max(1, int(_THUMBNAIL_BLOCK_PX / step_y))
         block_w = max(1, int(_THUMBNAIL_BLOCK_PX / step_x))
         out = np.empty((out_h, out_w, self.channels), dtype=np.uint8)
@@ -255,11 +265,14 @@ class SlideReader(abc.ABC):
                 j1 = min(j0 + block_w, out_w)
                 edges_x = np.minimum(np.arange(j0, j1 + 1) * step_x, level_w)
                 c0, c1 = math.floor(edges_x[0]), math.ceil(edges_x[-1])
-                region = self.read_region(level, r0, c0, r1 - r0, c1 - c0)
+                read = self.read_region_checked(level, r0, c0, r1 - r0, c1 - c0)
                 # Columns first, so the second pass runs on the narrowed block.
-                averaged = _area_mean(_area_mean(region, edges_x - c0, axis=1), edges_y - r0, axis=0)
+                averaged = _area_mean(_area_mean(read.pixels, edges_x - c0, axis=1), edges_y - r0, axis=0)
                 out[i0:i1, j0:j1] = np.rint(averaged).astype(np.uint8)
-        return out
+                for y0, x0, y1, x1, _ in read.bad:  # level px → the output pixels they touch
+                    unknown[math.floor(y0 / step_y) : math.ceil(y1 / step_y),
+                            math.floor(x0 / step_x) : math.ceil(x1 / step_x)] = True
+        return out, unknown
 
     def _thumbnail_level(self, downsample: float) -> int:
         allowed = downsample * (1 + _DOWNSAMPLE_SLACK)
