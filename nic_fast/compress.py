@@ -44,6 +44,7 @@ from nic_fast.annotations import MaskFileError, find_mask_for, read_tissue_mask,
 from nic_fast.grid import DIHEDRAL, GridGeometry, Tile
 from nic_fast.job import (
     DECODERS,
+    MPP_FROM_ENCODER,
     PRECISION_DTYPES,
     CompressOptions,
     SlideResult,
@@ -124,9 +125,13 @@ class Compressor:
         self.stride_px = options.stride_px or self.patch_px
         scale, offset = spec.scale_offset()
         self.scale, self.offset = list(scale), list(offset)
-        if options.mpp is None and (options.slide_mpp is not None or options.slide_mpp_csv is not None):
-            raise ValueError("--slide-mpp and --slide-mpp-csv give a slide's µm/px, which plain images read with "
-                             "--mpp none do not use; leave them out or give --mpp in µm/px")
+        # the working resolution: the encoder's own unless asked otherwise (a 224-px preset at 1 µm/px
+        # fed 0.5-µm/px patches would see tissue at twice the scale it learnt)
+        self.mpp: float | None = spec.mpp if options.mpp == MPP_FROM_ENCODER else options.mpp
+        if self.mpp is None and (options.slide_mpp is not None or options.slide_mpp_csv is not None):
+            raise ValueError("--slide-mpp and --slide-mpp-csv give a slide's µm/px, which plain images read in "
+                             "pixel units (--mpp none, or an encoder without µm/px) do not use; leave them out "
+                             "or give --mpp in µm/px")
         self.mpp_table = load_mpp_csv(options.slide_mpp_csv) if options.slide_mpp_csv else None
         self.variants = DIHEDRAL if options.augment else (0,)
         default_workers = available_cpus() if self.device.type == "cuda" else CPU_READER_THREADS
@@ -142,7 +147,7 @@ class Compressor:
     @property
     def pixel_units(self) -> bool:
         """Plain images read pixel for pixel (``--mpp none``)."""
-        return self.options.mpp is None
+        return self.mpp is None
 
     def _engine(self) -> Engine:
         if self.device.type != "cuda" or self.pixel_units:
@@ -277,9 +282,9 @@ class Compressor:
         """Level and downsample: level 0 as it is in pixel units, else chosen by µm/px."""
         if self.pixel_units:
             return PIXEL_UNITS
-        assert self.options.mpp is not None
+        assert self.mpp is not None
         level_mpps = [reader.level_mpp(level) for level in range(reader.level_count)]
-        choice = choose_level(level_mpps, self.options.mpp, self.options.mpp_tolerance, slide=slide.name)
+        choice = choose_level(level_mpps, self.mpp, self.options.mpp_tolerance, slide=slide.name)
         return ReadPlanLevel(choice.level, choice.downsample, choice.level_mpp, choice.working_mpp)
 
     def _tissue(self, slide: Path, reader: SlideReader, thumbnail: np.ndarray, unknown: np.ndarray,

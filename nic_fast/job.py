@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DECODERS", "PRECISION_DTYPES", "CompressOptions", "SlideResult", "available_cpus", "check_options",
+__all__ = ["DECODERS", "MPP_FROM_ENCODER", "PRECISION_DTYPES", "CompressOptions", "SlideResult", "available_cpus", "check_options",
            "source_identity", "stale_reason"]
 
 DECODERS = ("auto", "cpu", "gpu")
+MPP_FROM_ENCODER = "encoder"
 PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --precision → torch dtype name
 
 
@@ -29,7 +30,9 @@ class CompressOptions:
     """What `nic-fast compress` is asked to do; the CLI maps its flags one to one."""
 
     encoder: str = "mean-rgb"
-    mpp: float | None = 0.5  # working resolution, µm/px; None: plain images in pixel units (image backend)
+    # working resolution in µm/px; "encoder": the encoder's own (its spec's µm/px; pixel units when it has
+    # none); None: plain images in pixel units (image backend)
+    mpp: float | str | None = "encoder"
     mpp_tolerance: float = 0.1  # relative
     patch_px: int | None = None  # default: the encoder's input size
     stride_px: int | None = None  # default: patch_px

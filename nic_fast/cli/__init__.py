@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "encoders": ("nic_fast.cli.encoders:encoders",
                  "Patch encoders: built-ins, encoder files (.pt, .pt2) and Keras import."),
     "heatmap": ("nic_fast.cli.heatmap:heatmap",
-                "Grad-CAM on the first conv layer over STORE's whole grid, upsampled onto its thumbnail."),
+                "Grad-CAM on the first conv layer over STORE's whole grid, drawn on the slide it came from."),
     "info": ("nic_fast.cli.info:info", "Print a compressed store's metadata, grid shape and tissue fraction."),
     "predict": ("nic_fast.cli.predict:predict",
                 "Predict stores with a trained run: P(label 1), the class and its probabilities, or the value."),

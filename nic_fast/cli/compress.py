@@ -84,8 +84,14 @@ class _Display:
 
     def __enter__(self) -> _Display:
         if self.interactive:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-                TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True)
@@ -141,8 +147,8 @@ class _Display:
               help="Store name: the file name without extension, or the path below the slides' common folder "
                    "(for slides that share a file name).")
 @click.option("--encoder", default="mean-rgb", show_default=True, help="Built-in name or encoder file (.pt, .pt2).")
-@click.option("--mpp", default=0.5, show_default=True, type=MppParam(),
-              help="Working resolution in µm/px; 'none' reads plain images (PNG, JPEG, untiled TIFF) pixel for "
+@click.option("--mpp", default="encoder", show_default=True, type=MppParam(),
+              help="Working resolution in µm/px [default: the encoder's, 0.5 for most]; 'none' reads plain images (PNG, JPEG, untiled TIFF) pixel for "
                    "pixel at level 0, grayscale kept as one channel (every cell encoded: there is no stain to find).")
 @click.option("--patch-px", type=click.IntRange(1), default=None,
               help="Patch side in px [default: the encoder's input size, 128].")
@@ -189,7 +195,7 @@ class _Display:
                    "OUT/report.html.")
 @click.pass_context
 def compress(ctx: click.Context, slides: tuple[Path, ...], out_dir: Path, slides_from: Path | None, recursive: bool,
-             ext: str | None, store_names: str, encoder: str, mpp: float | None, patch_px: int | None,
+             ext: str | None, store_names: str, encoder: str, mpp: float | str | None, patch_px: int | None,
              stride_px: int | None, augment: bool, batch_size: int, workers: int | None, device: str | None,
              gpus: str | None, reader: str, precision: str, decode: str, cuda_graph: bool, slide_mpp: float | None,
              slide_mpp_csv: Path | None, tissue_masks: Path | None, min_tissue: float, background: str, overwrite: bool, lease_s: float,
@@ -200,7 +206,13 @@ def compress(ctx: click.Context, slides: tuple[Path, ...], out_dir: Path, slides
     supervised worker process: a crash costs that slide only. Several runs (or machines)
     may share one output folder: each slide is claimed by one process at a time.
     """
-    from nic_fast.batch.inputs import DEFAULT_EXTENSIONS, InputError, collect_slides, name_stores, read_slide_list
+    from nic_fast.batch.inputs import (
+        DEFAULT_EXTENSIONS,
+        InputError,
+        collect_slides,
+        name_stores,
+        read_slide_list,
+    )
     from nic_fast.job import CompressOptions, check_options
     from nic_fast.slides import SlideError
 

@@ -9,6 +9,7 @@ import click
 import numpy as np
 
 from nic_fast.annotations import write_geojson
+from nic_fast.cli.options import device_option, output_option
 from nic_fast.store import StoreError, open_store
 from nic_fast.train.evaluate import predict_store
 from nic_fast.train.fit import RunError, TrainedRun
@@ -27,8 +28,8 @@ from nic_fast.train.sampler import StoreSampler
 @click.command()
 @click.argument("run_dir", metavar="RUN", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("-o", "--out", "out_png", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="PNG to write; beside it go .npy (raw map), .json (scores), .geojson (contours) and .tif "
+@output_option("out_png", dir_okay=False, old_names=("--out",),
+               help="PNG to write; beside it go .npy (raw map), .json (scores), .geojson (contours) and .tif "
                    "(float32 map in slide coordinates).")
 @click.option("--mask", "mask_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Ground-truth lesion mask image (non-zero = lesion), e.g. synth's <slide>_mask.png: "
@@ -45,13 +46,12 @@ from nic_fast.train.sampler import StoreSampler
               help="µm/px of the slide image the PNG is drawn on (coarser where --max-px requires).")
 @click.option("--max-px", default=MAX_DISPLAY_PX, show_default=True, type=click.IntRange(min=256),
               help="Long side of the PNG's slide image at most.")
-@click.option("--device", default="cpu", show_default=True)
+@device_option("Where the networks run.")
 def heatmap(run_dir: Path, store: Path, out_png: Path, mask_path: Path | None, lesion_value: int | None,
             target: int | None, smooth_cells: float, display_mpp: float, max_px: int, device: str) -> None:
-    """Grad-CAM on the first conv layer over STORE's whole grid, upsampled onto its thumbnail.
+    """Grad-CAM on the first conv layer over STORE's whole grid, drawn on the slide it came from.
 
-    (That first line is the one nic_fast.cli registers; the overlay is in fact drawn on the
-    slide itself, as follows.) Writes OUT.png (heatmap over the original slide read at --display-mpp, or over the
+    Writes OUT.png (heatmap over the original slide read at --display-mpp, or over the
     store's thumbnail when the slide file is gone; white outline: post-processed heatmap,
     green: the mask; colour bar, legend, scale bar), OUT.npy (raw heatmap, float32
     (H', W'), one value per grid cell), OUT.geojson (QuPath annotations: contours at 25,

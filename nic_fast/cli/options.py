@@ -75,16 +75,19 @@ def device_option(help: str = "Where PyTorch runs.") -> Callable[[F], F]:  # noq
 
 
 class MppParam(click.ParamType):
-    """``--mpp``: a working resolution in µm/px, or ``none`` for plain images in pixel units."""
+    """``--mpp``: a working resolution in µm/px, ``encoder`` for the encoder's own, or ``none``
+    for plain images in pixel units."""
 
-    name = "µm/px|none"
+    name = "µm/px|encoder|none"
 
-    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float | None:
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float | str | None:
         if value is None or isinstance(value, float):
             return value
         text = str(value).strip().lower()
         if text == "none":
             return None
+        if text == "encoder":
+            return "encoder"
         try:
             mpp = float(text)
         except ValueError:

@@ -12,8 +12,8 @@ from rich.table import Table
 
 from nic_fast.cli.options import device_option, output_option
 from nic_fast.store import StoreError
-from nic_fast.train.fit import RunError, TrainedRun
 from nic_fast.train.evaluate import predict_store
+from nic_fast.train.fit import RunError, TrainedRun
 from nic_fast.train.sampler import StoreSampler
 
 

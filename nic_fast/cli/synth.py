@@ -5,8 +5,14 @@ from pathlib import Path
 
 import click
 
+from nic_fast.cli.options import output_option
 from nic_fast.synthetic import REFERENCE_MPP, SyntheticSlide, write_synthetic_slides
-from nic_fast.synthetic_mnist import DEFAULT_DIGITS, MnistCanvas, load_digits, write_mnist_rectangles
+from nic_fast.synthetic_mnist import (
+    DEFAULT_DIGITS,
+    MnistCanvas,
+    load_digits,
+    write_mnist_rectangles,
+)
 
 
 @click.group()
@@ -15,7 +21,7 @@ def synth() -> None:
 
 
 @synth.command("slides")
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@output_option("out_dir", file_okay=False, old_names=("--out",), help="Output folder.")
 @click.option("--n", "n", required=True, type=click.IntRange(min=1), help="Number of slides.")
 @click.option(
     "--size",
@@ -55,7 +61,7 @@ def slides(out_dir: Path, n: int, size_px: int, mpp: float, seed: int, ink: bool
 
 
 @synth.command("mnist-rectangles")
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@output_option("out_dir", file_okay=False, old_names=("--out",), help="Output folder.")
 @click.option("--n", "n", required=True, type=click.IntRange(min=1), help="Number of images.")
 @click.option("--canvas-px", default=3600, show_default=True, type=click.IntRange(min=180), help="Canvas side in px.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same images.")

@@ -5,14 +5,29 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from nic_fast.cli.options import AliasedOption, device_option, output_option
 from nic_fast.store import StoreError
 from nic_fast.train.data import TASKS, InputError, Rotation, Task, read_inputs
 from nic_fast.train.evaluate import DEFAULT_TTA_CROPS, MetricResult
-from nic_fast.train.fit import CrossValidation, EpochLog, FitConfig, FitObserver, RunError, RunOptions, cross_validate
+from nic_fast.train.fit import (
+    CrossValidation,
+    EpochLog,
+    FitConfig,
+    FitObserver,
+    RunError,
+    RunOptions,
+    cross_validate,
+)
 from nic_fast.train.loader import Backend, dali_available, default_workers
 from nic_fast.train.model import PAPER_STRIDES, checked_strides
 

@@ -12,8 +12,17 @@ from nic_fast.cli.options import device_option, output_option
 from nic_fast.encoder_training.export import export_encoder
 from nic_fast.encoder_training.fit import FitResult, TrainConfig, TrainingError, fit
 from nic_fast.encoder_training.methods import METHODS
-from nic_fast.encoder_training.patch_files import is_patch_set, load_patch_set, save_patch_cache
-from nic_fast.encoder_training.patches import PatchSet, SlideSampling, sample_labelled_points, sample_slide_patches
+from nic_fast.encoder_training.patch_files import (
+    is_patch_set,
+    load_patch_set,
+    save_patch_cache,
+)
+from nic_fast.encoder_training.patches import (
+    PatchSet,
+    SlideSampling,
+    sample_labelled_points,
+    sample_slide_patches,
+)
 from nic_fast.encoder_training.reporting import RichReporter
 from nic_fast.encoders import EncoderError
 from nic_fast.slides import SlideError
