@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml CMakeLists.txt $(wildcard csrc/*.h csrc/*.cpp
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-deps cucim-cu13
 	$(PY) -m pip install -q scikit-build-core pybind11 numpy click lazy-loader
-	$(PY) -m pip install -q --no-build-isolation -e '.[test,dali,foundation]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,dali,foundation,cluster]'
 	$(PY) -m pip install -q --no-deps timm==1.0.31 timm-ctp==0.5.4
 	touch $@
 

@@ -71,6 +71,7 @@ class SlideResult:
     device: str = ""  # where it ran ("cpu", "cuda:1")
     attempts: int = 1  # > 1 when a dead worker's slide was retried
     resumed: bool = False  # the store continued a partial one left by an earlier run
+    held_by: str = ""  # skipped because this process (host:pid) held a fresh claim on the slide
 
 
 def check_options(options: CompressOptions) -> None:

@@ -11,6 +11,10 @@ A process can lose its claim (it stalled for longer than the lease and another p
 broke it). Everything irreversible — publishing the store, deleting a ``.partial`` —
 is therefore preceded by :meth:`Claim.still_owned`, which re-reads the file and
 compares the owner's random token.
+
+A cluster client that learns from its scheduler that a worker died may name that
+worker's process as a *lost owner* (``host:pid``): its claim is taken over at once, on
+any host, instead of after the lease.
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["DEFAULT_LEASE_S", "Claim", "ClaimHeld", "ClaimInfo", "acquire", "claim_path", "clear_if_owner_dead"]
+__all__ = ["DEFAULT_LEASE_S", "Claim", "ClaimHeld", "ClaimInfo", "acquire", "break_lost", "claim_path",
+           "clear_if_owner_dead", "current", "held"]
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +153,10 @@ class Claim:
             self.release()
 
 
-def acquire(store: Path, *, run_id: str, lease_s: float = DEFAULT_LEASE_S) -> Claim | ClaimHeld:
-    """Claim ``store`` for this process, breaking a claim older than its lease.
+def acquire(store: Path, *, run_id: str, lease_s: float = DEFAULT_LEASE_S,
+            lost_owner: str | None = None) -> Claim | ClaimHeld:
+    """Claim ``store`` for this process, breaking a claim older than its lease (or one held
+    by ``lost_owner``, a ``host:pid`` known to be gone).
 
     Returns the :class:`Claim`, or :class:`ClaimHeld` when another process holds a fresh one.
     """
@@ -166,7 +173,7 @@ def acquire(store: Path, *, run_id: str, lease_s: float = DEFAULT_LEASE_S) -> Cl
             if created is not None:
                 return Claim(path, created, lease_s, broke=None)
             continue
-        if age_s <= lease_s and not (current is not None and current.owner_is_dead()):
+        if age_s <= lease_s and not _gone(current, lost_owner):
             return ClaimHeld(current, age_s)
         if not _break(path, current):
             continue
@@ -178,6 +185,39 @@ def acquire(store: Path, *, run_id: str, lease_s: float = DEFAULT_LEASE_S) -> Cl
             return Claim(path, created, lease_s, broke=current)
     age_s = _age_s(path) or 0.0
     return ClaimHeld(_read(path), age_s)
+
+
+def held(store: Path, *, lease_s: float = DEFAULT_LEASE_S) -> ClaimHeld | None:
+    """The fresh claim another process holds on ``store``, or None when it could be claimed
+    now (no claim, a stale one, or one whose local owner is dead). Changes nothing."""
+    path = claim_path(store)
+    age_s = _age_s(path)
+    if age_s is None:
+        return None
+    current = _read(path)
+    if age_s > lease_s or _gone(current, None):
+        return None
+    return ClaimHeld(current, age_s)
+
+
+def current(store: Path) -> ClaimInfo | None:
+    """Who holds ``store``'s claim now, None when nobody does (or the file is being written)."""
+    return _read(claim_path(store))
+
+
+def break_lost(store: Path, lost_owner: str) -> bool:
+    """Remove ``store``'s claim when ``lost_owner`` (``host:pid``) holds it: a worker that the
+    cluster reported dead, whose slide is given up, so that a rerun need not wait the lease."""
+    path = claim_path(store)
+    info = _read(path)
+    if info is None or info.owner != lost_owner:
+        return False
+    return _break(path, info)
+
+
+def _gone(info: ClaimInfo | None, lost_owner: str | None) -> bool:
+    """Whether the claim's owner is known to be gone: a dead local process, or the lost owner."""
+    return info is not None and (info.owner_is_dead() or (lost_owner is not None and info.owner == lost_owner))
 
 
 def clear_if_owner_dead(store: Path) -> bool:

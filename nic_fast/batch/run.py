@@ -11,18 +11,23 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nic_fast.batch import claims
 from nic_fast.batch.inputs import SlideInput
 from nic_fast.batch.records import RunInfo, SummaryBuilder, SummaryError, iso_time, write_run
-from nic_fast.batch.slide import BatchSettings, process_slide
+from nic_fast.batch.slide import BatchSettings, process_slide, record_result
 from nic_fast.batch.supervisor import DEFAULT_STUCK_S, DeviceSummary, Scheduler, SchedulerEvent, largest_first
+from nic_fast.batch.watch import HeldSlides
 from nic_fast.job import CompressOptions, SlideResult
 from nic_fast.report import write_report
+
+if TYPE_CHECKING:
+    from nic_fast.batch.dask_cluster import DaskTarget
 
 __all__ = ["BatchOutcome", "options_json", "run_batch"]
 
@@ -75,8 +80,9 @@ class _SummaryKeeper:
 
 
 def run_batch(options: CompressOptions, items: Sequence[SlideInput], out_dir: Path, *,
-              devices: Sequence[str] | None = None, lease_s: float = claims.DEFAULT_LEASE_S, max_attempts: int = 2,
-              stuck_s: float = DEFAULT_STUCK_S, qc: bool = True, command: str = "",
+              devices: Sequence[str] | None = None, dask: DaskTarget | None = None,
+              lease_s: float = claims.DEFAULT_LEASE_S, max_attempts: int = 2, stuck_s: float = DEFAULT_STUCK_S,
+              until_done: bool = False, qc: bool = True, command: str = "",
               on_event: Callable[[SchedulerEvent], None] | None = None,
               on_result: Callable[[SlideResult], None] | None = None) -> BatchOutcome:
     """Compress ``items`` into ``out_dir``.
@@ -84,6 +90,10 @@ def run_batch(options: CompressOptions, items: Sequence[SlideInput], out_dir: Pa
     ``devices``: one supervised worker process per entry (``["cpu"]``, ``["cuda:0", "cuda:1"]``);
     None compresses in this process (no crash isolation: for libraries and tests). ``qc``:
     a QC image per published store and ``OUT/report.html`` beside the summary.
+    ``dask``: run on a Dask cluster instead (:mod:`nic_fast.batch.dask_cluster`); this process
+    is then only the client and never imports torch.
+    ``until_done``: slides skipped because another process holds them are watched until
+    they are complete or their claim goes stale, then taken over (:mod:`nic_fast.batch.watch`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -99,11 +109,18 @@ def run_batch(options: CompressOptions, items: Sequence[SlideInput], out_dir: Pa
 
     workers: list[DeviceSummary] = []
     try:
-        if devices is None:
-            results, workers = _in_process(options, items, settings, on_event, finished)
+        if dask is not None:
+            from nic_fast.batch.dask_cluster import DaskScheduler
+
+            cluster = DaskScheduler(options, dask, max_attempts=max_attempts, until_done=until_done,
+                                    stuck_s=stuck_s, on_event=on_event, on_result=finished)
+            results, workers = cluster.run(items, settings)
+        elif devices is None:
+            held = HeldSlides(out_dir, items, lease_s, stuck_s) if until_done else None
+            results, workers = _in_process(options, items, settings, held, on_event, finished)
         else:
-            scheduler = Scheduler(options, devices, max_attempts=max_attempts, stuck_s=stuck_s, on_event=on_event,
-                                  on_result=finished)
+            scheduler = Scheduler(options, devices, max_attempts=max_attempts, stuck_s=stuck_s,
+                                  until_done=until_done, on_event=on_event, on_result=finished)
             results, workers = scheduler.run(items, settings)
     except BaseException:
         run.interrupted = True
@@ -120,7 +137,7 @@ def run_batch(options: CompressOptions, items: Sequence[SlideInput], out_dir: Pa
 
 
 def _in_process(options: CompressOptions, items: Sequence[SlideInput], settings: BatchSettings,
-                on_event: Callable[[SchedulerEvent], None] | None,
+                held: HeldSlides | None, on_event: Callable[[SchedulerEvent], None] | None,
                 finished: Callable[[SlideResult], None]) -> tuple[list[SlideResult], list[DeviceSummary]]:
     from nic_fast.compress import Compressor
 
@@ -130,13 +147,30 @@ def _in_process(options: CompressOptions, items: Sequence[SlideInput], settings:
     emit = on_event or (lambda event: None)
     started = time.perf_counter()
     results: dict[int, SlideResult] = {}
-    for index in largest_first([item.path for item in items]):
+    queue = deque(largest_first([item.path for item in items]))
+    while queue or held:
+        if held:
+            if not queue:
+                time.sleep(held.wait_s())
+            ready, given_up = held.due()
+            queue.extendleft(ready)
+            for index, result in given_up:
+                record_result(settings, items[index], result)
+                results[index] = result
+                finished(result)
+                emit(SchedulerEvent("done", "", settings.run.pid, items[index].path, 1, result=result))
+            if not queue:
+                continue
+        index = queue.popleft()
         item = items[index]
         emit(SchedulerEvent("assigned", device, settings.run.pid, item.path, 1))
         result = process_slide(
             compressor, item, settings,
             on_start=lambda slide, n: emit(SchedulerEvent("planned", device, settings.run.pid, slide, 1, patches=n)),
             progress=lambda n, p=item.path: emit(SchedulerEvent("progress", device, settings.run.pid, p, 1, patches=n)))
+        if held is not None and result.held_by:  # another process has it: look again later
+            held.add(index, result)
+            continue
         results[index] = result
         summary.add(result, time.perf_counter() - started)
         finished(result)

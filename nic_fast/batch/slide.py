@@ -49,9 +49,13 @@ class BatchSettings:
 
 def process_slide(compressor: Compressor, item: SlideInput, settings: BatchSettings, *, attempt: int = 1,
                   on_start: Callable[[Path, int], None] | None = None, progress: ProgressFn | None = None,
-                  ) -> SlideResult:
-    """Compress one slide unless it is done, stale or being done elsewhere; record the outcome."""
-    result = _process(compressor, item, settings, on_start, progress)
+                  lost_owner: str | None = None) -> SlideResult:
+    """Compress one slide unless it is done, stale or being done elsewhere; record the outcome.
+
+    ``lost_owner`` (``host:pid``): a process known to be gone whose claim on the slide is
+    taken over at once (a cluster worker that died with this slide).
+    """
+    result = _process(compressor, item, settings, on_start, progress, lost_owner)
     result.attempts = attempt
     if settings.qc and result.status == "ok" and result.store:
         _draw_qc(settings, Path(result.store))
@@ -70,15 +74,17 @@ def _draw_qc(settings: BatchSettings, store: Path) -> None:
 
 
 def _process(compressor: Compressor, item: SlideInput, settings: BatchSettings,
-             on_start: Callable[[Path, int], None] | None, progress: ProgressFn | None) -> SlideResult:
+             on_start: Callable[[Path, int], None] | None, progress: ProgressFn | None,
+             lost_owner: str | None) -> SlideResult:
     final = store_path(settings.out_dir, item.name)
     device = str(compressor.device)
     done = _already_done(final, item.path, settings)
     if done is not None:
         return SlideResult(str(item.path), done[0], done[1], str(final), device=device)
-    claim = claims.acquire(final, run_id=settings.run.run_id, lease_s=settings.lease_s)
+    claim = claims.acquire(final, run_id=settings.run.run_id, lease_s=settings.lease_s, lost_owner=lost_owner)
     if isinstance(claim, claims.ClaimHeld):
-        return SlideResult(str(item.path), "skipped", claim.reason, str(final), device=device)
+        holder = claim.info.owner if claim.info else "unknown"
+        return SlideResult(str(item.path), "skipped", claim.reason, str(final), device=device, held_by=holder)
     with claim.kept():
         done = _already_done(final, item.path, settings)  # published by another process while we claimed
         if done is not None:

@@ -39,6 +39,7 @@ from typing import Any
 from nic_fast.batch.claims import clear_if_owner_dead
 from nic_fast.batch.inputs import SlideInput
 from nic_fast.batch.slide import BatchSettings, process_slide, record_result
+from nic_fast.batch.watch import HeldSlides
 from nic_fast.job import CompressOptions, SlideResult, available_cpus
 from nic_fast.store import store_path
 
@@ -135,6 +136,11 @@ class DeviceSummary:
         self.busy_s += result.seconds
         self.wall_s = elapsed_s
         self.patches_per_s = self.patches / self.busy_s if self.busy_s > 0 else 0.0
+
+    @property
+    def label(self) -> str:
+        """How displays name the row."""
+        return self.device
 
     @property
     def slides(self) -> int:
@@ -234,7 +240,7 @@ class Scheduler:
     """Runs compressors in one worker process per device over a list of slides."""
 
     def __init__(self, options: CompressOptions, devices: Sequence[str], *, max_attempts: int = 2,
-                 max_restarts: int = 2, stuck_s: float = DEFAULT_STUCK_S,
+                 max_restarts: int = 2, stuck_s: float = DEFAULT_STUCK_S, until_done: bool = False,
                  on_event: Callable[[SchedulerEvent], None] | None = None,
                  on_result: Callable[[SlideResult], None] | None = None) -> None:
         if not devices:
@@ -244,6 +250,7 @@ class Scheduler:
         self.max_attempts = max(1, max_attempts)
         self.max_restarts = max_restarts
         self.stuck_s = stuck_s
+        self.until_done = until_done  # watch slides held by other processes until they are done
         self.on_event = on_event or (lambda event: None)
         self.on_result = on_result or (lambda result: None)
         self.cpu_threads = max(1, available_cpus() // len(self.devices))
@@ -260,9 +267,12 @@ class Scheduler:
         summaries = {rank: DeviceSummary(label, host=settings.run.host) for rank, label in enumerate(labels)}
         pending: deque[tuple[int, int]] = deque((i, 1) for i in largest_first([it.path for it in items]))
         workers = {rank: self._start(rank, settings) for rank in range(len(self.devices))}
-        run = _Run(items, settings, results, summaries, time.perf_counter())
+        held = HeldSlides(settings.out_dir, items, settings.lease_s, self.stuck_s) if self.until_done else None
+        run = _Run(items, settings, results, summaries, time.perf_counter(), held)
         try:
-            while pending or any(w.task for w in workers.values()):
+            while pending or any(w.task for w in workers.values()) or held:
+                if held:
+                    self._take_back(held, pending, run)
                 self._assign(workers, pending, items)
                 if not workers:
                     if not run.any_ready:  # nothing was tried: a set-up problem, not the slides' fault
@@ -363,8 +373,11 @@ class Scheduler:
         elif kind == "done":
             index, fields = payload
             result = SlideResult(**{**fields, "grid_shape": tuple(fields["grid_shape"]) if fields["grid_shape"] else None})
-            run.finish(index, rank, result)
             worker.task = None
+            if run.held is not None and result.held_by:  # another process has it: look again later
+                run.held.add(index, result)
+                return
+            run.finish(index, rank, result)
             self.on_result(result)
             self.on_event(SchedulerEvent("done", worker.label, pid, run.items[index].path, result.attempts, result=result))
 
@@ -420,8 +433,23 @@ class Scheduler:
         self.on_result(result)
         self.on_event(SchedulerEvent("done", worker.label, worker.process.pid or 0, item.path, attempt, result=result))
 
+    def _take_back(self, held: HeldSlides, pending: deque[tuple[int, int]], run: _Run) -> None:
+        """Held slides whose store is complete or whose claim went stale go back to the front of
+        the queue (a partial store waits there); those whose holder stalled are given up on."""
+        ready, given_up = held.due()
+        for index in ready:
+            pending.appendleft((index, 1))
+        for index, result in given_up:
+            record_result(run.settings, run.items[index], result)
+            run.results[index] = result
+            self.on_result(result)
+            self.on_event(SchedulerEvent("done", "", 0, run.items[index].path, result.attempts, result=result))
+
     def _fail_all(self, pending: deque[tuple[int, int]], run: _Run) -> None:
         lost = "; ".join(f"{s.device}: {', '.join(s.lost)}" for s in run.summaries.values() if s.lost)
+        for index, result in run.held.drain() if run.held is not None else []:
+            run.results[index] = result  # still held elsewhere: its skip stands (and is recorded)
+            self.on_result(result)
         while pending:
             index, attempt = pending.popleft()
             item = run.items[index]
@@ -452,6 +480,7 @@ class _Run:
     results: dict[int, SlideResult]
     summaries: dict[int, DeviceSummary]
     started: float
+    held: HeldSlides | None = None  # slides other processes hold, watched until done (until_done)
     any_ready: bool = False  # some worker finished its set-up
 
     def finish(self, index: int, rank: int, result: SlideResult) -> None:

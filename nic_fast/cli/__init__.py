@@ -21,6 +21,7 @@ __all__ = ["COMMANDS", "LazyGroup", "main"]
 
 # name: ("module:attribute", first sentence of the command's docstring)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "cluster": ("nic_fast.cli.cluster:cluster", "Job files for clusters: Slurm job arrays, Dask workers on Slurm."),
     "compress": ("nic_fast.cli.compress:compress",
                  "Compress whole-slide images into latent grids, one Zarr store per slide."),
     "encoders": ("nic_fast.cli.encoders:encoders",

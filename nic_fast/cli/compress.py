@@ -15,7 +15,8 @@ from types import FrameType
 
 import click
 
-from nic_fast.cli.options import DeviceType, MppParam, output_option
+from nic_fast.cli.cluster import ClusterDeviceType, dask_options, dask_target
+from nic_fast.cli.options import MppParam, output_option
 from nic_fast.devices import DEVICE_CHOICES
 
 EXIT_FAILED = 1
@@ -64,7 +65,7 @@ def _workers_table(workers: list):  # noqa: ANN202
     for column in ("worker", "ok", "failed", "skipped", "patches", "busy s", "patches/s", "restarts"):
         table.add_column(column)
     for w in workers:
-        table.add_row(w.device, str(w.slides_ok), str(w.slides_failed), str(w.slides_skipped), str(w.patches),
+        table.add_row(w.label, str(w.slides_ok), str(w.slides_failed), str(w.slides_skipped), str(w.patches),
                       f"{w.busy_s:.1f}", f"{w.patches_per_s:.0f}", str(w.restarts))
     return table
 
@@ -110,7 +111,7 @@ class _Display:
                                f"(attempt {event.attempt}): {event.reason}")
         if event.kind == "done" and event.result is not None:
             self._finished(event.result)
-        if self.bar is None:
+        if self.bar is None or not event.device:
             return
         if event.device not in self.tasks:
             self.tasks[event.device] = self.bar.add_task(event.device, total=None)
@@ -159,7 +160,7 @@ class _Display:
 @click.option("--workers", default=None, type=click.IntRange(1),
               help="Reader threads per slide, each with its own slide handle [default: 2 on the CPU, every core "
                    "on a GPU, shared between GPUs].")
-@click.option("--device", type=DeviceType(), metavar=DEVICE_CHOICES, default=None,
+@click.option("--device", type=ClusterDeviceType(), metavar=DEVICE_CHOICES, default=None,
               help="Where the encoder runs [default: cpu]; --gpus runs one worker process per GPU.")
 @click.option("--gpus", default=None, metavar="all|0,1,...",
               help="One worker process per listed GPU; slides are handed out largest first.")
@@ -193,18 +194,23 @@ class _Display:
 @click.option("--qc/--no-qc", default=True, show_default=True,
               help="Draw OUT/qc/<name>.png per slide (tissue outline, encoded and invalid cells, scale bar) and "
                    "OUT/report.html.")
+@click.option("--until-done/--no-until-done", default=None,
+              help="Keep watching slides other processes hold until they are complete, taking over those whose "
+                   "claim goes stale (a killed task's) [default: on inside a Slurm array task].")
+@dask_options
 @click.pass_context
 def compress(ctx: click.Context, slides: tuple[Path, ...], out_dir: Path, slides_from: Path | None, recursive: bool,
              ext: str | None, store_names: str, encoder: str, mpp: float | str | None, patch_px: int | None,
              stride_px: int | None, augment: bool, batch_size: int, workers: int | None, device: str | None,
              gpus: str | None, reader: str, precision: str, decode: str, cuda_graph: bool, slide_mpp: float | None,
              slide_mpp_csv: Path | None, tissue_masks: Path | None, min_tissue: float, background: str, overwrite: bool, lease_s: float,
-             max_attempts: int, stuck_s: float, qc: bool) -> None:
+             max_attempts: int, stuck_s: float, qc: bool, until_done: bool | None, **cluster: object) -> None:
     """Compress whole-slide images into latent grids, one Zarr store per slide.
 
     SLIDES are files or folders (slides found inside by extension). Each slide runs in a
     supervised worker process: a crash costs that slide only. Several runs (or machines)
-    may share one output folder: each slide is claimed by one process at a time.
+    may share one output folder: each slide is claimed by one process at a time. With
+    --dask the slides run on a Dask cluster under the same contract.
     """
     from nic_fast.batch.inputs import (
         DEFAULT_EXTENSIONS,
@@ -213,11 +219,15 @@ def compress(ctx: click.Context, slides: tuple[Path, ...], out_dir: Path, slides
         name_stores,
         read_slide_list,
     )
+    from nic_fast.batch.slurm import in_array_task
     from nic_fast.job import CompressOptions, check_options
     from nic_fast.slides import SlideError
 
     if gpus is not None and device is not None:
         raise click.UsageError("--gpus picks the GPUs itself: leave out --device, or leave out --gpus")
+    target = dask_target(cluster, gpus=gpus, device=device)
+    if target is not None and target.kind == "slurm" and device is None:
+        device = "cuda" if cluster["gpus_per_job"] else "cpu"
     if mpp is None and (slide_mpp is not None or slide_mpp_csv is not None):
         raise click.UsageError("--mpp none reads plain images in pixel units, which have no µm/px: leave out "
                                "--slide-mpp and --slide-mpp-csv, or give --mpp in µm/px")
@@ -235,9 +245,10 @@ def compress(ctx: click.Context, slides: tuple[Path, ...], out_dir: Path, slides
         check_options(options)
     except (InputError, ValueError, SlideError) as exc:
         raise click.UsageError(str(exc)) from exc
-    devices = _devices(gpus, options.device)
+    devices = _devices(gpus, options.device) if target is None else None  # Dask workers bring their own
     _make_output_folder(out_dir)
-    _run(ctx, options, items, out_dir, devices, lease_s=lease_s, max_attempts=max_attempts, stuck_s=stuck_s, qc=qc)
+    _run(ctx, options, items, out_dir, devices, dask=target, lease_s=lease_s, max_attempts=max_attempts,
+         stuck_s=stuck_s, qc=qc, until_done=in_array_task() if until_done is None else until_done)
 
 
 def _make_output_folder(out_dir: Path) -> None:
@@ -262,7 +273,8 @@ def _devices(gpus: str | None, device: str) -> list[str]:
         raise click.UsageError(str(exc)) from exc
 
 
-def _run(ctx: click.Context, options: object, items: list, out_dir: Path, devices: list[str], **batch: object) -> None:
+def _run(ctx: click.Context, options: object, items: list, out_dir: Path, devices: list[str] | None,
+         **batch: object) -> None:
     from rich.console import Console
 
     from nic_fast.batch.run import run_batch

@@ -1,0 +1,270 @@
+"""`compress --dask` on a real Dask cluster on loopback: a scheduler and two `dask worker`
+processes (nanny + worker, fake GPU=1 resources) started as separate processes; stores
+byte-identical to one process; a worker killed mid-slide (its nanny restarts it); a whole
+node killed; two clients at once; a client that never imports torch; no socket of the
+cluster on any address but 127.0.0.1."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("distributed", reason="the cluster extra is not installed (pip install 'nic-fast[cluster]')")
+
+from cluster_support import (CLIENT, assert_identical, hook_env, listening_addresses, ok_records, python, records,
+                             stop, wait_for)
+from distributed import Client
+from test_batch_integrity import write_slide
+
+from nic_fast.batch import compress_slides
+from nic_fast.batch.claims import claim_path
+from nic_fast.batch.dask_cluster import DaskTarget
+from nic_fast.batch.inputs import collect_slides, name_stores
+from nic_fast.batch.run import run_batch
+from nic_fast.job import CompressOptions
+from nic_fast.store import open_store
+
+pytestmark = pytest.mark.slow
+
+FAST = ["--batch-size", "8", "--workers", "1"]
+OPTIONS = CompressOptions(batch_size=8, workers=1)
+TILED = CompressOptions(batch_size=8, workers=1, tile_cells=2)  # several tiles per slide: a kill leaves some done
+LOOPBACK = {"127.0.0.1"}
+
+
+class LoopbackCluster:
+    """A `dask scheduler` and `dask worker` nodes (nanny + one worker process each) on 127.0.0.1."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.processes: list[subprocess.Popen] = []
+        self.nodes: dict[str, subprocess.Popen] = {}
+        scheduler_file = folder / "scheduler.json"
+        self.scheduler = self._start(python("-m", "dask", "scheduler", "--host", "127.0.0.1", "--port", "0",
+                                            "--dashboard-address", "127.0.0.1:0", "--scheduler-file",
+                                            str(scheduler_file)), "scheduler", dict(os.environ))
+        wait_for(lambda: scheduler_file.exists() and scheduler_file.stat().st_size, 60, "the scheduler file")
+        self.address = json.loads(scheduler_file.read_text())["address"]
+        self.client = Client(self.address, timeout=60, set_as_default=False)
+
+    def _start(self, command: list[str], name: str, env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.folder / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        self.processes.append(process)
+        return process
+
+    def start_node(self, name: str) -> None:
+        """A nanny and its worker, one task thread, a fake GPU, tile reads slowed down (so that a
+        slide can be killed half-way) and one torch thread."""
+        env = hook_env(self.folder, NIC_FAST_TEST_SLOW="*", NIC_FAST_TEST_SLOW_S="0.3", OMP_NUM_THREADS="1")
+        self.nodes[name] = self._start(python("-m", "dask", "worker", self.address, "--host", "127.0.0.1", "--name",
+                                              name, "--nthreads", "1", "--resources", "GPU=1", "--memory-limit", "0",
+                                              "--dashboard-address", "127.0.0.1:0", "--death-timeout", "60"),
+                                       name, env)
+
+    def wait_for_workers(self, n: int) -> None:
+        self.client.wait_for_workers(n, timeout=120)
+
+    def worker_pids(self) -> dict[str, int]:
+        """Worker process id by worker name (the nanny's process is the `dask worker` one)."""
+        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        pids = self.client.run(os.getpid)
+        return {str(w["name"]): pids[address] for address, w in info.items() if address in pids}
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    def close(self) -> None:
+        try:
+            self.client.close(timeout=30)
+        finally:
+            stop(self.processes)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dask")
+    cluster = LoopbackCluster(folder)
+    try:
+        cluster.start_node("node-a")
+        cluster.start_node("node-b")
+        cluster.wait_for_workers(2)
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(scope="module")
+def eight_slides(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("eight")
+    return [write_slide(folder / f"s{i}.tif", 2 + i % 3, 2 + i % 2, seed=i) for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def eight_reference(eight_slides, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eight-reference")
+    assert all(r.status == "ok" for r in compress_slides(eight_slides, out, OPTIONS).results)
+    return out
+
+
+def client_command(report: Path, *args: str) -> list[str]:
+    return python("-c", CLIENT, str(report), "compress", *args)
+
+
+def test_eight_slides_through_two_workers_match_one_process_and_stay_on_loopback(cluster, eight_slides,
+                                                                               eight_reference, tmp_path):
+    out, report = tmp_path / "out", tmp_path / "torch.json"
+    client = subprocess.Popen(client_command(report, *map(str, eight_slides), "-o", str(out), *FAST, "--dask",
+                                             cluster.address), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    try:
+        wait_for(lambda: list(out.glob("*.zarr.claim")), 120, "a slide to start")
+        listening = listening_addresses([*cluster.pids(), client.pid])
+        output, _ = client.communicate(timeout=300)
+    finally:
+        stop([client])
+    assert client.returncode == 0, output
+    assert listening and listening <= LOOPBACK, listening  # the scheduler, nannies and workers, nothing else
+    assert json.loads(report.read_text()) == []  # the client never imported torch
+    for slide in eight_slides:
+        assert_identical(out / f"{slide.stem}.zarr", eight_reference / f"{slide.stem}.zarr")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["ok"] == 8
+    rows = {row["name"]: row for row in summary["workers"]}
+    assert set(rows) == {"node-a", "node-b"}
+    assert sum(row["slides_ok"] for row in rows.values()) == 8
+    assert all(row["host"] and row["busy_s"] > 0 and row["patches_per_s"] > 0 for row in rows.values())
+    assert len([line for line in output.splitlines() if line.startswith("[")]) == 8  # a log line per slide
+
+
+def test_two_clients_at_once_compress_each_slide_once(cluster, eight_slides, eight_reference, tmp_path):
+    out = tmp_path / "out"
+    reports = [tmp_path / "torch-1.json", tmp_path / "torch-2.json"]
+    clients = [subprocess.Popen(client_command(report, *map(str, eight_slides), "-o", str(out), *FAST, "--dask",
+                                               cluster.address), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for report in reports]
+    try:
+        outputs = [c.communicate(timeout=300)[0] for c in clients]
+    finally:
+        stop(clients)
+    assert [c.returncode for c in clients] == [0, 0], outputs
+    assert [json.loads(r.read_text()) for r in reports] == [[], []]
+    published = ok_records(out)
+    assert sorted(published) == sorted(s.stem for s in eight_slides)
+    assert all(len(found) == 1 for found in published.values())  # one client compressed each, the other skipped it
+    assert {r["status"] for r in records(out)} <= {"ok", "skipped"}
+    for slide in eight_slides:
+        assert_identical(out / f"{slide.stem}.zarr", eight_reference / f"{slide.stem}.zarr")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["ok"] == 8 and len(summary["runs"]) == 2
+    assert not list(out.glob("*.claim*")) and not list(out.glob("*.partial"))
+
+
+def test_a_cuda_run_on_workers_without_cuda_is_refused_with_their_reason(cluster, eight_slides, tmp_path):
+    result = subprocess.run(python("-m", "nic_fast", "compress", str(eight_slides[0]), "-o", str(tmp_path / "out"),
+                                   "--device", "cuda", "--dask", cluster.address, "--dask-wait", "5"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "could not start" in result.stderr and "CUDA" in result.stderr and "Traceback" not in result.stderr
+
+
+# -- workers and nodes lost mid-slide --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiled_slides(tmp_path_factory) -> list[Path]:
+    """A 4×4-cell victim (four 2×2 tiles, the largest file: it starts first) and seven small slides."""
+    folder = tmp_path_factory.mktemp("tiled")
+    return [write_slide(folder / "victim.tif", 4, 4, seed=40)] + \
+        [write_slide(folder / f"t{i}.tif", 2 + i % 2, 2 + i % 3, seed=41 + i) for i in range(7)]
+
+
+@pytest.fixture(scope="module")
+def tiled_reference(tiled_slides, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiled-reference")
+    assert all(r.status == "ok" for r in compress_slides(tiled_slides, out, TILED).results)
+    return out
+
+
+def _run_in_background(cluster: LoopbackCluster, slides: list[Path], out: Path):  # noqa: ANN202
+    """run_batch through the cluster on a thread of this process (the test kills workers meanwhile)."""
+    items = name_stores(collect_slides(slides))
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = run_batch(TILED, items, out, dask=DaskTarget("address", address=cluster.address,
+                                                                            wait_s=120))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _victim_half_done(out: Path) -> int:
+    """The pid that holds the victim's claim once one of its tiles is finished, else 0."""
+    done = out / "victim.zarr.partial" / "tiles_done.txt"
+    if not done.exists() or not done.read_text().strip():
+        return 0
+    return json.loads(claim_path(out / "victim.zarr").read_text())["pid"]
+
+
+def _check_resumed_once(out: Path, reference: Path, slides: list[Path]) -> dict:
+    published = ok_records(out)
+    assert sorted(published) == sorted(s.stem for s in slides) and all(len(v) == 1 for v in published.values())
+    victim = published["victim"][0]
+    assert victim["attempts"] == 2 and victim["resumed"]
+    attrs = open_store(out / "victim.zarr").attrs
+    assert attrs["runs"] == 2 and attrs["patches_encoded"] == attrs["patches"] == 16  # finished tiles kept
+    for slide in slides:
+        assert_identical(out / f"{slide.stem}.zarr", reference / f"{slide.stem}.zarr")
+    assert not list(out.glob("*.claim*")) and not list(out.glob("*.partial"))
+    return victim
+
+
+def test_a_worker_killed_mid_slide_loses_nothing_and_its_nanny_brings_it_back(cluster, tiled_slides,
+                                                                            tiled_reference, tmp_path):
+    out = tmp_path / "out"
+    before = cluster.worker_pids()
+    thread, outcome = _run_in_background(cluster, tiled_slides, out)
+    victim_pid = wait_for(lambda: _victim_half_done(out), 120, "the victim's first tile")
+    assert victim_pid in before.values()
+    os.kill(victim_pid, signal.SIGKILL)
+    thread.join(300)
+    assert not thread.is_alive() and "error" not in outcome, outcome
+    victim = _check_resumed_once(out, tiled_reference, tiled_slides)
+    assert victim["pid"] != victim_pid
+    killed = next(name for name, pid in before.items() if pid == victim_pid)
+    rows = {row.name: row for row in outcome["value"].workers}
+    assert rows[killed].restarts == 1 and rows[killed].pids[0] == victim_pid
+    restarted_pid = rows[killed].pids[1]
+    assert any(r["pid"] == restarted_pid for found in ok_records(out).values() for r in found)  # it works again
+    assert f"{victim_pid}" in rows[killed].lost[0]
+
+
+def test_a_whole_node_lost_mid_slide_loses_nothing(cluster, tiled_slides, tiled_reference, tmp_path):
+    cluster.wait_for_workers(2)
+    out = tmp_path / "out"
+    pids = cluster.worker_pids()
+    thread, outcome = _run_in_background(cluster, tiled_slides, out)
+    victim_pid = wait_for(lambda: _victim_half_done(out), 120, "the victim's first tile")
+    node = next(name for name, pid in pids.items() if pid == victim_pid)
+    nanny = cluster.nodes[node]
+    nanny.send_signal(signal.SIGKILL)  # the nanny first, so nothing restarts the worker
+    os.kill(victim_pid, signal.SIGKILL)
+    nanny.wait(30)
+    thread.join(300)
+    assert not thread.is_alive() and "error" not in outcome, outcome
+    victim = _check_resumed_once(out, tiled_reference, tiled_slides)
+    survivor = next(pid for name, pid in pids.items() if name != node)
+    assert victim["pid"] == survivor
+    rows = {row.name: row for row in outcome["value"].workers}
+    assert rows[node].restarts == 0 and rows[node].lost
