@@ -220,7 +220,7 @@ class DaskScheduler:
         from distributed import Nanny, Scheduler, SpecCluster
 
         target, options = self.target, self.options
-        gpu = options.device == "cuda"
+        gpu = options.device.startswith("cuda")
         if gpu:
             count = local_gpus()
             if count == 0:
@@ -287,7 +287,7 @@ class _Session:
         self.plugin_name = plugin_name
         self.items = items
         self.settings = settings
-        self.gpu = owner.options.device == "cuda"
+        self.gpu = owner.options.device.startswith("cuda")
         self.topic = f"nic-fast-{settings.run.run_id}-{secrets.token_hex(3)}"
         self.pending: deque[tuple[int, int, str | None]] = deque(
             (i, 1, None) for i in largest_first([it.path for it in items]))
