@@ -174,6 +174,28 @@ def test_a_cuda_run_on_workers_without_cuda_is_refused_with_their_reason(cluster
     assert "could not start" in result.stderr and "CUDA" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_local_cluster_of_two_workers_from_the_command_line(eight_slides, eight_reference, tmp_path):
+    """The README's `nic-fast compress --dask local:2 slides/*.tif -o out`: a scheduler and two
+    nanny-supervised workers started by the client, on loopback, gone when it is done."""
+    out, report = tmp_path / "out", tmp_path / "torch.json"
+    slides = eight_slides[:3]
+    client = subprocess.Popen(client_command(report, *map(str, slides), "-o", str(out), *FAST, "--dask", "local:2"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: list(out.glob("*.zarr.claim")), 180, "a slide to start")
+        listening = listening_addresses([client.pid])
+        output, _ = client.communicate(timeout=300)
+    finally:
+        stop([client])
+    assert client.returncode == 0, output
+    assert listening and listening <= LOOPBACK, listening
+    assert json.loads(report.read_text()) == []  # the scheduler runs in the client; torch only in the workers
+    for slide in slides:
+        assert_identical(out / f"{slide.stem}.zarr", eight_reference / f"{slide.stem}.zarr")
+    rows = json.loads((out / "summary.json").read_text())["workers"]
+    assert sorted(row["name"] for row in rows) == ["0", "1"] and sum(row["slides_ok"] for row in rows) == 3
+
+
 # -- workers and nodes lost mid-slide --------------------------------------------------------
 
 
