@@ -298,7 +298,7 @@ class _Session:
         self.lost_slots: set[str] = set()  # rows whose worker left: one that comes back is a restart
         self.results: dict[int, SlideResult] = {}
         self.held = HeldSlides(settings.out_dir, items, settings.lease_s, owner.stuck_s) if owner.until_done else None
-        self.events: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
+        self.events: queue.Queue[tuple[str, Any]] = queue.Queue()  # finished futures, slide and cluster events
         self.started = time.perf_counter()
         self.refreshed_at = 0.0
         self.alone_since: float | None = time.monotonic()  # since when no usable worker is known
@@ -306,9 +306,6 @@ class _Session:
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> tuple[list[SlideResult], list[DeviceSummary]]:
-        from distributed import as_completed
-
-        self.completed = as_completed([], loop=self.client.loop, with_results=False)
         self.client.subscribe_topic(self.topic, lambda event: self.events.put(("slide", event[1])))
         self.client.subscribe_topic("all", lambda event: self.events.put(("cluster", event[1])))
         try:
@@ -318,8 +315,6 @@ class _Session:
                     self._take_back()
                 self._assign()
                 self._drain_events(POLL_S)
-                for future in self.completed.next_batch(block=False) if not self.completed.is_empty() else []:
-                    self._finished(future)
                 if self._abandoned():
                     break
         except BaseException:  # Ctrl-C, SIGTERM: queued slides never start; running ones finish on their worker
@@ -327,8 +322,9 @@ class _Session:
                 self.client.cancel([task.future for task in self.tasks.values()])
             raise
         finally:
-            self.client.unsubscribe_topic(self.topic)
-            self.client.unsubscribe_topic("all")
+            with contextlib.suppress(Exception):  # the connection may be gone (that may be why we stop)
+                self.client.unsubscribe_topic(self.topic)
+                self.client.unsubscribe_topic("all")
         return [self.results[i] for i in range(len(self.items))], list(self.rows.values())
 
     # -- workers --------------------------------------------------------------------------
@@ -411,18 +407,21 @@ class _Session:
                 resources={"GPU": 1} if worker.gpu else None)
             self.tasks[key] = _Task(index, attempt, worker.address, future)
             worker.task = key
-            self.completed.add(future)
+            future.add_done_callback(lambda done: self.events.put(("done", done)))  # wakes the loop at once
             self.owner.on_event(SchedulerEvent("assigned", self.rows[worker.slot].label, worker.pid, item.path,
                                                attempt))
 
     # -- what comes back ------------------------------------------------------------------
     def _drain_events(self, timeout_s: float) -> None:
+        """Handle what arrived, waiting up to ``timeout_s`` for the first thing."""
         try:
             kind, message = self.events.get(timeout=timeout_s)
         except queue.Empty:
             return
         while True:
-            if kind == "slide":
+            if kind == "done":
+                self._finished(message)
+            elif kind == "slide":
                 self._slide_event(message)
             elif isinstance(message, dict) and message.get("action") == "remove-worker":
                 self._lost_worker(str(message.get("worker")), "left the cluster (killed, out of memory, or its node "
