@@ -2,34 +2,57 @@
 processes (nanny + worker, fake GPU=1 resources) started as separate processes; stores
 byte-identical to one process; a worker killed mid-slide (its nanny restarts it); a whole
 node killed; two clients at once; a client that never imports torch; no socket of the
-cluster on any address but 127.0.0.1."""
+cluster on any address but 127.0.0.1.
+
+Dask is never imported into the test process: importing distributed makes every exception
+pickle through tblib, which the DALI loader's workers then refuse (tests/test_train_loader.py).
+Clients, and the questions asked of the scheduler, run in subprocesses."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("distributed", reason="the cluster extra is not installed (pip install 'nic-fast[cluster]')")
-
 from cluster_support import (CLIENT, assert_identical, hook_env, listening_addresses, ok_records, python, records,
                              stop, wait_for)
-from distributed import Client
 from test_batch_integrity import write_slide
 
 from nic_fast.batch import compress_slides
 from nic_fast.batch.claims import claim_path
-from nic_fast.batch.dask_cluster import DaskTarget
-from nic_fast.batch.inputs import collect_slides, name_stores
-from nic_fast.batch.run import run_batch
 from nic_fast.job import CompressOptions
 from nic_fast.store import open_store
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("distributed") is None,
+                                 reason="the cluster extra is not installed (pip install 'nic-fast[cluster]')")]
+
+# Waits for N workers, then prints {worker name: worker process id}.
+ASK = """
+import json, os, sys
+from distributed import Client
+with Client(sys.argv[1], timeout=60) as client:
+    client.wait_for_workers(int(sys.argv[2]), timeout=120)
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    pids = client.run(os.getpid)
+    print(json.dumps({str(w["name"]): pids[a] for a, w in info.items() if a in pids}))
+"""
+
+# A client of the batch API (several tiles per slide, which the command line does not set).
+TILED_CLIENT = """
+import sys
+from pathlib import Path
+from nic_fast.batch import compress_slides
+from nic_fast.batch.dask_cluster import DaskTarget
+from nic_fast.job import CompressOptions
+address, out, *slides = sys.argv[1:]
+outcome = compress_slides([Path(s) for s in slides], Path(out), CompressOptions(batch_size=8, workers=1, tile_cells=2),
+                          dask=DaskTarget("address", address=address, wait_s=120), qc=False)
+sys.exit(0 if all(r.status == "ok" for r in outcome.results) else 1)
+"""
 
 FAST = ["--batch-size", "8", "--workers", "1"]
 OPTIONS = CompressOptions(batch_size=8, workers=1)
@@ -50,7 +73,6 @@ class LoopbackCluster:
                                             str(scheduler_file)), "scheduler", dict(os.environ))
         wait_for(lambda: scheduler_file.exists() and scheduler_file.stat().st_size, 60, "the scheduler file")
         self.address = json.loads(scheduler_file.read_text())["address"]
-        self.client = Client(self.address, timeout=60, set_as_default=False)
 
     def _start(self, command: list[str], name: str, env: dict[str, str]) -> subprocess.Popen:
         log = open(self.folder / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
@@ -68,23 +90,19 @@ class LoopbackCluster:
                                               "--dashboard-address", "127.0.0.1:0", "--death-timeout", "60"),
                                        name, env)
 
-    def wait_for_workers(self, n: int) -> None:
-        self.client.wait_for_workers(n, timeout=120)
-
-    def worker_pids(self) -> dict[str, int]:
-        """Worker process id by worker name (the nanny's process is the `dask worker` one)."""
-        info = self.client.scheduler_info(n_workers=-1)["workers"]
-        pids = self.client.run(os.getpid)
-        return {str(w["name"]): pids[address] for address, w in info.items() if address in pids}
+    def worker_pids(self, n: int = 2) -> dict[str, int]:
+        """Once n workers are there: worker process id by worker name (the nanny's process is
+        the `dask worker` one)."""
+        asked = subprocess.run(python("-c", ASK, self.address, str(n)), capture_output=True, text=True, timeout=300,
+                               check=False)
+        assert asked.returncode == 0, asked.stderr
+        return json.loads(asked.stdout)
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.processes]
 
     def close(self) -> None:
-        try:
-            self.client.close(timeout=30)
-        finally:
-            stop(self.processes)
+        stop(self.processes)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +112,7 @@ def cluster(tmp_path_factory):
     try:
         cluster.start_node("node-a")
         cluster.start_node("node-b")
-        cluster.wait_for_workers(2)
+        cluster.worker_pids(2)
         yield cluster
     finally:
         cluster.close()
@@ -214,33 +232,26 @@ def tiled_reference(tiled_slides, tmp_path_factory) -> Path:
     return out
 
 
-def _run_in_background(cluster: LoopbackCluster, slides: list[Path], out: Path):  # noqa: ANN202
-    """run_batch through the cluster on a thread of this process (the test kills workers meanwhile)."""
-    items = name_stores(collect_slides(slides))
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = run_batch(TILED, items, out, dask=DaskTarget("address", address=cluster.address,
-                                                                            wait_s=120))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, outcome
+def _tiled_client(cluster: LoopbackCluster, slides: list[Path], out: Path) -> subprocess.Popen:
+    return subprocess.Popen(python("-c", TILED_CLIENT, cluster.address, str(out), *map(str, slides)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _victim_half_done(out: Path, thread: threading.Thread, outcome: dict) -> int:
+def _victim_half_done(out: Path, client: subprocess.Popen) -> int:
     """The pid that holds the victim's claim once one of its tiles is finished, else 0."""
-    assert thread.is_alive(), f"the run ended before the victim was half done: {outcome}"
+    assert client.poll() is None, f"the run ended before the victim was half done: {client.communicate()[0]}"
     done = out / "victim.zarr.partial" / "tiles_done.txt"
-    if not done.exists() or not done.read_text().strip():
-        return 0
-    return json.loads(claim_path(out / "victim.zarr").read_text())["pid"]
+    try:
+        if done.read_text().strip():
+            return json.loads(claim_path(out / "victim.zarr").read_text())["pid"]
+    except (FileNotFoundError, ValueError):  # not there yet, or being written
+        pass
+    return 0
 
 
-def _check_resumed_once(out: Path, reference: Path, slides: list[Path]) -> dict:
+def _check_resumed_once(out: Path, reference: Path, slides: list[Path]) -> tuple[dict, dict[str, dict]]:
+    """(the victim's record, the run's workers rows by name) after checking every slide was
+    published once, the victim resumed, and every store is identical to one process's."""
     published = ok_records(out)
     assert sorted(published) == sorted(s.stem for s in slides) and all(len(v) == 1 for v in published.values())
     victim = published["victim"][0]
@@ -250,44 +261,48 @@ def _check_resumed_once(out: Path, reference: Path, slides: list[Path]) -> dict:
     for slide in slides:
         assert_identical(out / f"{slide.stem}.zarr", reference / f"{slide.stem}.zarr")
     assert not list(out.glob("*.claim*")) and not list(out.glob("*.partial"))
-    return victim
+    rows = {row["name"]: row for row in json.loads((out / "summary.json").read_text())["workers"]}
+    return victim, rows
 
 
 def test_a_worker_killed_mid_slide_loses_nothing_and_its_nanny_brings_it_back(cluster, tiled_slides,
                                                                             tiled_reference, tmp_path):
     out = tmp_path / "out"
     before = cluster.worker_pids()
-    thread, outcome = _run_in_background(cluster, tiled_slides, out)
-    victim_pid = wait_for(lambda: _victim_half_done(out, thread, outcome), 120, "the victim's first tile")
-    assert victim_pid in before.values()
-    os.kill(victim_pid, signal.SIGKILL)
-    thread.join(300)
-    assert not thread.is_alive() and "error" not in outcome, outcome
-    victim = _check_resumed_once(out, tiled_reference, tiled_slides)
+    client = _tiled_client(cluster, tiled_slides, out)
+    try:
+        victim_pid = wait_for(lambda: _victim_half_done(out, client), 120, "the victim's first tile")
+        assert victim_pid in before.values()
+        os.kill(victim_pid, signal.SIGKILL)
+        output, _ = client.communicate(timeout=300)
+    finally:
+        stop([client])
+    assert client.returncode == 0, output
+    victim, rows = _check_resumed_once(out, tiled_reference, tiled_slides)
     assert victim["pid"] != victim_pid
     killed = next(name for name, pid in before.items() if pid == victim_pid)
-    rows = {row.name: row for row in outcome["value"].workers}
-    assert rows[killed].restarts == 1 and rows[killed].pids[0] == victim_pid
-    restarted_pid = rows[killed].pids[1]
+    assert rows[killed]["restarts"] == 1 and rows[killed]["pids"][0] == victim_pid
+    assert str(victim_pid) in rows[killed]["lost"][0]
+    restarted_pid = rows[killed]["pids"][1]
     assert any(r["pid"] == restarted_pid for found in ok_records(out).values() for r in found)  # it works again
-    assert f"{victim_pid}" in rows[killed].lost[0]
 
 
 def test_a_whole_node_lost_mid_slide_loses_nothing(cluster, tiled_slides, tiled_reference, tmp_path):
-    cluster.wait_for_workers(2)
     out = tmp_path / "out"
-    pids = cluster.worker_pids()
-    thread, outcome = _run_in_background(cluster, tiled_slides, out)
-    victim_pid = wait_for(lambda: _victim_half_done(out, thread, outcome), 120, "the victim's first tile")
-    node = next(name for name, pid in pids.items() if pid == victim_pid)
-    nanny = cluster.nodes[node]
-    nanny.send_signal(signal.SIGKILL)  # the nanny first, so nothing restarts the worker
-    os.kill(victim_pid, signal.SIGKILL)
-    nanny.wait(30)
-    thread.join(300)
-    assert not thread.is_alive() and "error" not in outcome, outcome
-    victim = _check_resumed_once(out, tiled_reference, tiled_slides)
+    pids = cluster.worker_pids(2)
+    client = _tiled_client(cluster, tiled_slides, out)
+    try:
+        victim_pid = wait_for(lambda: _victim_half_done(out, client), 120, "the victim's first tile")
+        node = next(name for name, pid in pids.items() if pid == victim_pid)
+        nanny = cluster.nodes[node]
+        nanny.send_signal(signal.SIGKILL)  # the nanny first, so that nothing restarts the worker
+        os.kill(victim_pid, signal.SIGKILL)
+        nanny.wait(30)
+        output, _ = client.communicate(timeout=300)
+    finally:
+        stop([client])
+    assert client.returncode == 0, output
+    victim, rows = _check_resumed_once(out, tiled_reference, tiled_slides)
     survivor = next(pid for name, pid in pids.items() if name != node)
     assert victim["pid"] == survivor
-    rows = {row.name: row for row in outcome["value"].workers}
-    assert rows[node].restarts == 0 and rows[node].lost
+    assert rows[node]["restarts"] == 0 and rows[node]["lost"]

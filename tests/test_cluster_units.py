@@ -2,6 +2,7 @@
 (--until-done), the `--dask` and `--until-done` options, and the error when the extra is missing."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -23,6 +24,10 @@ from nic_fast.job import CompressOptions, SlideResult
 from nic_fast.store import open_store
 
 OPTIONS = CompressOptions(batch_size=8, workers=1)
+# The --dask options only look for distributed (importing it here would make every exception pickle
+# through tblib, which the DALI loader's workers refuse in later tests).
+NEEDS_DASK = pytest.mark.skipif(importlib.util.find_spec("distributed") is None,
+                                reason="the cluster extra is not installed (pip install 'nic-fast[cluster]')")
 
 
 def _foreign_claim(store: Path, *, host: str = "node-7", pid: int = 4242, age_s: float = 0.0) -> Path:
@@ -180,8 +185,8 @@ def test_until_done_is_the_default_inside_an_array_task(tmp_path, monkeypatch, c
     assert all(call["dask"] is None for call in captured_run)
 
 
+@NEEDS_DASK
 def test_dask_options_reach_the_run_without_touching_cuda_here(tmp_path, captured_run):
-    pytest.importorskip("distributed")
     slide = write_slide(tmp_path / "s.tif", 2, 2, seed=1)
     args = ["compress", str(slide), "-o", str(tmp_path / "out")]
     runner = CliRunner()
@@ -204,9 +209,31 @@ def test_dask_options_reach_the_run_without_touching_cuda_here(tmp_path, capture
     assert result.exit_code == 2 and "local:N" in result.output
 
 
+@NEEDS_DASK
+def test_dask_local_takes_this_machine_s_gpus_counted_without_cuda(tmp_path, monkeypatch, captured_run):
+    slide = write_slide(tmp_path / "s.tif", 2, 2, seed=1)
+    args = ["compress", str(slide), "-o", str(tmp_path / "out"), "--dask", "local"]
+    runner = CliRunner()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert runner.invoke(main, [*args, "--gpus", "all"]).exit_code == 130
+    assert captured_run[-1]["dask"].gpus == (0, 1) and captured_run[-1]["options"].device == "cuda"
+    assert runner.invoke(main, [*args, "--gpus", "1"]).exit_code == 130
+    assert captured_run[-1]["dask"].gpus == (1,)
+    result = runner.invoke(main, [*args, "--gpus", "2"])
+    assert result.exit_code == 2 and "this machine's 2 GPU(s)" in result.output
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    result = runner.invoke(main, [*args, "--gpus", "all"])
+    assert result.exit_code == 2 and "no GPU found" in result.output
+
+
 def test_without_the_cluster_extra_dask_says_which_to_install(tmp_path, monkeypatch):
     slide = write_slide(tmp_path / "s.tif", 2, 2, seed=1)
     monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed now raises ImportError
     result = CliRunner().invoke(main, ["compress", str(slide), "-o", str(tmp_path / "out"), "--dask", "local"])
     assert result.exit_code == 2 and "pip install 'nic-fast[cluster]'" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_no_test_or_cli_path_here_imported_dask():
+    """The checks above ran --dask through the command line without importing distributed."""
+    assert "distributed" not in sys.modules

@@ -22,6 +22,7 @@ with ``nvidia-smi`` (or ``CUDA_VISIBLE_DEVICES``).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import queue
@@ -29,6 +30,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -61,12 +63,21 @@ class ClusterError(SchedulerError):
     """The cluster cannot be used (extra missing, scheduler unreachable, no worker); one line with the fix."""
 
 
-def require_distributed() -> Any:
-    """The ``distributed`` module, or a one-line error naming the extra that brings it."""
+def require_distributed() -> None:
+    """A one-line error naming the extra when Dask distributed is not installed. Looks without
+    importing it: importing distributed changes how every exception pickles in this process
+    (tblib), which only the client of a Dask run should have to live with."""
+    blocked = "distributed" in sys.modules and sys.modules["distributed"] is None
+    if blocked or ("distributed" not in sys.modules and importlib.util.find_spec("distributed") is None):
+        raise ClusterError(f"--dask needs Dask distributed, which is not installed; install it with {CLUSTER_EXTRA}")
+
+
+def _import_distributed() -> Any:
+    require_distributed()
     try:
         import distributed
-    except ImportError as exc:
-        raise ClusterError(f"--dask needs Dask distributed, which is not installed ({exc}); install it with "
+    except ImportError as exc:  # installed but broken (a missing dependency of its own)
+        raise ClusterError(f"--dask: Dask distributed cannot be imported ({exc}); reinstall it with "
                            f"{CLUSTER_EXTRA}") from exc
     return distributed
 
@@ -177,7 +188,7 @@ class DaskScheduler:
 
     def run(self, items: Sequence[SlideInput], settings: BatchSettings,
             ) -> tuple[list[SlideResult], list[DeviceSummary]]:
-        require_distributed()
+        _import_distributed()
         from nic_fast.batch.dask_worker import CompressorPlugin
 
         _quiet_dask_logs()

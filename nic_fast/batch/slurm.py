@@ -145,8 +145,9 @@ def open_slurm_cluster(spec: SlurmJobs, options: CompressOptions) -> tuple[Any, 
 
 
 def _require_jobqueue() -> None:
-    from nic_fast.batch.dask_cluster import CLUSTER_EXTRA, ClusterError
+    from nic_fast.batch.dask_cluster import CLUSTER_EXTRA, ClusterError, require_distributed
 
+    require_distributed()
     try:
         import dask_jobqueue  # noqa: F401
     except ImportError as exc:
