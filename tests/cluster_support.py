@@ -18,18 +18,22 @@ HOOK = '''
 import os, time
 from nic_fast.slides import base
 
-_slow = {name for name in os.environ.get("NIC_FAST_TEST_SLOW", "").split(",") if name}
-_delay_s = float(os.environ.get("NIC_FAST_TEST_SLOW_S", "0.4"))
-_original = base.SlideReader.read_region
+# NIC_FAST_TEST_SLOW="victim.tif=1.5,*=0.3": seconds each tile read of that slide (or of any) sleeps
+_delays = dict(item.split("=") for item in os.environ.get("NIC_FAST_TEST_SLOW", "").split(",") if "=" in item)
 
 
-def read_region(self, level, y, x, height, width):
-    if (self.path.name in _slow or "*" in _slow) and height >= 128:  # tile reads, not the thumbnail
-        time.sleep(_delay_s)
-    return _original(self, level, y, x, height, width)
+def _slowed(read):
+    def slowed(self, level, y, x, height, width):
+        delay = _delays.get(self.path.name, _delays.get("*"))
+        if delay and height >= 128:  # tile reads, not the thumbnail
+            time.sleep(float(delay))
+        return read(self, level, y, x, height, width)
+    return slowed
 
 
-base.SlideReader.read_region = read_region
+for _name in ("read_region", "read_region_checked"):
+    if hasattr(base.SlideReader, _name):
+        setattr(base.SlideReader, _name, _slowed(getattr(base.SlideReader, _name)))
 if os.environ.get("NIC_FAST_TEST_HOSTNAME"):  # claims of this process look like another node's
     import socket
     socket.gethostname = lambda: os.environ["NIC_FAST_TEST_HOSTNAME"]

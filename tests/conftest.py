@@ -74,3 +74,16 @@ def fail_region_reads_at_origin(monkeypatch):
             monkeypatch.setattr(cls, "_read_inside", failing)
 
     return install
+
+
+@pytest.fixture(autouse=True)
+def _pickling_registrations_stay_in_their_test():
+    """Undo what a test registered with copyreg. Importing Dask distributed (xarray computing
+    on dask arrays does) makes every exception pickle through tblib, process-wide; the DALI
+    loader's forked workers then send exceptions their parent refuses to unpickle."""
+    import copyreg
+
+    before = dict(copyreg.dispatch_table)
+    yield
+    copyreg.dispatch_table.clear()
+    copyreg.dispatch_table.update(before)

@@ -82,9 +82,9 @@ class LoopbackCluster:
         return process
 
     def start_node(self, name: str) -> None:
-        """A nanny and its worker, one task thread, a fake GPU, tile reads slowed down (so that a
-        slide can be killed half-way) and one torch thread."""
-        env = hook_env(self.folder, NIC_FAST_TEST_SLOW="*", NIC_FAST_TEST_SLOW_S="0.3", OMP_NUM_THREADS="1")
+        """A nanny and its worker, one task thread, a fake GPU, tile reads slowed down (the
+        victim's most, so that it can be killed half-way) and one torch thread."""
+        env = hook_env(self.folder, NIC_FAST_TEST_SLOW="victim.tif=1.2,*=0.2", OMP_NUM_THREADS="1")
         self.nodes[name] = self._start(python("-m", "dask", "worker", self.address, "--host", "127.0.0.1", "--name",
                                               name, "--nthreads", "1", "--resources", "GPU=1", "--memory-limit", "0",
                                               "--dashboard-address", "127.0.0.1:0", "--death-timeout", "60"),

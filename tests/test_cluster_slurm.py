@@ -114,8 +114,7 @@ def test_a_killed_tasks_slide_is_taken_over_after_the_lease(tmp_path):
     compress_slides([big, *small], reference, options, qc=False)
     out = tmp_path / "out"
     script = _script(tmp_path, [big, *small], out, lease_s=lease_s)
-    doomed = _task(script, 0, hook_env(tmp_path, NIC_FAST_TEST_SLOW="big.tif", NIC_FAST_TEST_SLOW_S="30",
-                                       NIC_FAST_TEST_HOSTNAME="node-0"))
+    doomed = _task(script, 0, hook_env(tmp_path, NIC_FAST_TEST_SLOW="big.tif=30", NIC_FAST_TEST_HOSTNAME="node-0"))
     survivor = None
     try:
         claim = claim_path(out / "big.zarr")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -234,6 +235,12 @@ def test_without_the_cluster_extra_dask_says_which_to_install(tmp_path, monkeypa
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
 
 
-def test_no_test_or_cli_path_here_imported_dask():
-    """The checks above ran --dask through the command line without importing distributed."""
-    assert "distributed" not in sys.modules
+@NEEDS_DASK
+def test_the_dask_options_only_look_for_dask():
+    """Parsing --dask imports neither distributed nor torch (the CLI's parent stays light)."""
+    check = ("import sys; from nic_fast.cli.cluster import dask_target; "
+             "target = dask_target({'dask': 'local:2', 'dask_wait_s': 5.0}, gpus=None, device=None); "
+             "print(target.kind, target.n_workers, 'distributed' in sys.modules, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["local", "2", "False", "False"]
