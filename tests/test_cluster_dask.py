@@ -49,14 +49,14 @@ from nic_fast.batch import compress_slides
 from nic_fast.batch.dask_cluster import DaskTarget
 from nic_fast.job import CompressOptions
 address, out, *slides = sys.argv[1:]
-outcome = compress_slides([Path(s) for s in slides], Path(out), CompressOptions(batch_size=8, workers=1, tile_cells=2),
+outcome = compress_slides([Path(s) for s in slides], Path(out), CompressOptions(batch_size=4, workers=1, tile_cells=2),
                           dask=DaskTarget("address", address=address, wait_s=120), qc=False)
 sys.exit(0 if all(r.status == "ok" for r in outcome.results) else 1)
 """
 
 FAST = ["--batch-size", "8", "--workers", "1"]
 OPTIONS = CompressOptions(batch_size=8, workers=1)
-TILED = CompressOptions(batch_size=8, workers=1, tile_cells=2)  # several tiles per slide: a kill leaves some done
+TILED = CompressOptions(batch_size=4, workers=1, tile_cells=2)  # a batch per tile: a kill leaves tiles done
 LOOPBACK = {"127.0.0.1"}
 
 
@@ -239,7 +239,10 @@ def _tiled_client(cluster: LoopbackCluster, slides: list[Path], out: Path) -> su
 
 def _victim_half_done(out: Path, client: subprocess.Popen) -> int:
     """The pid that holds the victim's claim once one of its tiles is finished, else 0."""
-    assert client.poll() is None, f"the run ended before the victim was half done: {client.communicate()[0]}"
+    if client.poll() is not None:
+        victim = [r for r in records(out) if r["name"] == "victim"]
+        raise AssertionError(f"the run ended before the victim was half done: {client.communicate()[0]}; {victim}; "
+                             f"{sorted(p.name for p in out.iterdir())}")
     done = out / "victim.zarr.partial" / "tiles_done.txt"
     try:
         if done.read_text().strip():
