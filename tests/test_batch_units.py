@@ -195,3 +195,17 @@ def test_store_names_clash_is_refused_with_the_fix(tmp_path):
         name_stores([one, two])
     assert [item.name for item in name_stores([one, two], "relative")] == ["site1/x", "site2/X"]
     assert [item.name for item in name_stores([one])] == ["x"]
+
+
+def test_a_retry_that_finds_its_own_published_store_keeps_the_runs_ok_record(tmp_path):
+    from nic_fast.batch.inputs import SlideInput
+    from nic_fast.batch.records import RunInfo
+    from nic_fast.batch.slide import BatchSettings, record_result
+    from nic_fast.job import SlideResult
+
+    settings, item = BatchSettings(tmp_path, RunInfo()), SlideInput(tmp_path / "a.svs", "a")
+    record_result(settings, item, SlideResult(str(item.path), "ok", patches=12))
+    # the worker died after publishing; its retry finds the complete store
+    record_result(settings, item, SlideResult(str(item.path), "skipped", "complete store exists", attempts=2))
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "records").glob("a.*.json")]
+    assert record["status"] == "ok" and record["patches"] == 12

@@ -9,6 +9,7 @@ written as its own record.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from nic_fast.batch import claims
 from nic_fast.batch.inputs import SlideInput
-from nic_fast.batch.records import RunInfo, SummaryError, iso_time, write_record
+from nic_fast.batch.records import RunInfo, SummaryError, iso_time, record_path, write_record
 from nic_fast.job import SlideResult, stale_reason
 from nic_fast.store import read_attrs, store_path
 
@@ -118,8 +119,17 @@ def record_result(settings: BatchSettings, item: SlideInput, result: SlideResult
               "finished_at": iso_time(), "finished_epoch": time.time()}
     if record["grid_shape"] is not None:
         record["grid_shape"] = list(record["grid_shape"])
+    if result.status == "skipped" and _recorded_outcome(settings, item) in ("ok", "failed", "stale"):
+        return record  # a retry that found the store this run already published: keep what happened
     try:
         write_record(settings.out_dir, item.name, run.run_id, record)
     except SummaryError as exc:
         log.error("%s", exc)
     return record
+
+
+def _recorded_outcome(settings: BatchSettings, item: SlideInput) -> str | None:
+    try:
+        return json.loads(record_path(settings.out_dir, item.name, settings.run.run_id).read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
