@@ -40,6 +40,7 @@ from nic_fast.engine.base import (
     check_output,
 )
 from nic_fast.engine.cpu import CpuEngine
+from nic_fast.engine.fastpath import FastEncoder
 from nic_fast.annotations import MaskFileError, find_mask_for, read_tissue_mask, tissue_geojson, write_geojson
 from nic_fast.grid import DIHEDRAL, GridGeometry, Tile
 from nic_fast.job import (
@@ -91,14 +92,15 @@ PIXEL_UNITS = ReadPlanLevel(level=0, downsample=1, level_mpp=None, working_mpp=N
 
 
 def _encoder_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The encoder's dtype for ``--precision``: half precision only where a GPU runs it."""
+    """The encoder's dtype for ``--precision``: auto is fp16 on a GPU and, on a CPU, fp32 until
+    the fast path's trial measures whether bf16 pays (:mod:`nic_fast.engine.fastpath`)."""
     if precision == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be auto, {', '.join(PRECISIONS)}; got {precision!r}")
-    if device.type != "cuda" and precision != "fp32":
-        raise ValueError(f"--precision {precision} needs a GPU (the CPU encoder runs in fp32); "
-                         "use --precision fp32 or --device cuda")
+    if device.type != "cuda" and precision == "fp16":
+        raise ValueError("--precision fp16 needs a GPU (CPUs have no fast fp16 convolutions); "
+                         "use --precision bf16, fp32 or auto, or --device cuda")
     return PRECISIONS[precision]
 
 
@@ -115,8 +117,7 @@ class Compressor:
             raise ValueError(f"decode must be one of {', '.join(DECODERS)}, got {options.decode!r}")
         if options.decode == "gpu" and self.device.type != "cuda":
             raise ValueError("--decode gpu needs --device cuda (or --gpus); use --decode cpu")
-        self.dtype = _encoder_dtype(options.precision, self.device)
-        self.encoder: Encoder = load_encoder(options.encoder, device="cpu").to(self.device, self.dtype)
+        self.encoder: Encoder = load_encoder(options.encoder, device="cpu")
         spec = self.encoder.spec
         self.patch_px = options.patch_px or spec.input_px
         if self.patch_px != spec.input_px:
@@ -136,10 +137,12 @@ class Compressor:
         self.variants = DIHEDRAL if options.augment else (0,)
         default_workers = available_cpus() if self.device.type == "cuda" else CPU_READER_THREADS
         self.workers = max(1, options.workers or default_workers)
+        self.fast = FastEncoder(self.encoder, self.device, _encoder_dtype(options.precision, self.device),
+                                precision=options.precision, compile=options.compile, fast_path=options.fast_path)
         self.background = self._background_embedding()
         self.config = EngineConfig(
-            encoder=self.encoder, encoder_source=options.encoder, device=self.device, dtype=self.dtype,
-            variants=tuple(self.variants), batch_size=options.batch_size, patch_px=self.patch_px, scale=self.scale,
+            encoder=self.fast, device=self.device,
+            variants=tuple(self.variants), batch_size=options.batch_size, scale=self.scale,
             offset=self.offset, background=self.background, workers=self.workers, tile_cells=options.tile_cells,
             decode=options.decode, cuda_graph=options.cuda_graph, batches_in_flight=options.batches_in_flight)
         self.engine: Engine = self._engine()
@@ -163,12 +166,12 @@ class Compressor:
             return np.zeros(code_size, np.float16)
         if self.options.background != "blank":
             raise ValueError(f"background must be 'blank' or 'zero', got {self.options.background!r}")
-        channels = self.encoder.spec.channels
+        channels, input_px = self.encoder.spec.channels, self.fast.input_px
         white = np.full((self.patch_px, self.patch_px, channels), 255, np.uint8)
-        batch = torch.empty((1, channels, self.patch_px, self.patch_px))
-        kernels.patchify(white, np.zeros((1, 2), np.int32), batch, scale=self.scale, offset=self.offset)
-        with torch.inference_mode():
-            out = self.encoder(batch.to(self.device, self.dtype)).float().cpu().numpy()
+        batch = torch.empty((1, channels, input_px, input_px))
+        kernels.patchify(white, np.zeros((1, 2), np.int32), batch, scale=self.scale, offset=self.offset,
+                         downsample=self.fast.pool_px)
+        out = self.fast(batch.to(self.device)).float().cpu().numpy()
         check_output(self.encoder.spec.name, code_size, out)
         return out[0].astype(np.float16)
 
@@ -234,6 +237,7 @@ class Compressor:
                                 config=config, run_id=run_id, started_s=t_start)
             job = SlideJob(reader, choice.level, choice.downsample, grid, store,
                            self._unfinished_tiles(grid, tissue, store), timings, progress)
+            self.fast.begin_slide(sum(len(cells) for _, cells in job.tiles) * len(self.variants))
             try:
                 streamed = self.engine.stream(job)
             finally:
@@ -244,7 +248,9 @@ class Compressor:
         seconds = max(totals["compute_seconds"], 1e-9)
         extra = {"timings": timings.as_attrs(), "device": str(self.device), **totals,
                  "valid_fraction": 1.0 - totals["invalid_cells"] / max(1, grid.height * grid.width),
-                 "patches": patches, "patches_per_s": round(patches / seconds, 2), **streamed.attrs}
+                 "patches": patches, "patches_per_s": round(patches / seconds, 2), **streamed.attrs,
+                 "fast_path": self.fast.attrs()}
+        extra["precision"] = {**extra["fast_path"]["precision"], **streamed.attrs.get("precision", {})}
         if not self.pixel_units and reader.channels == 3:
             extra["tissue_geojson"] = self._write_tissue_geojson(final, slide, tissue, thumb_downsample).name
         store.publish(extra, overwrite=replace, still_owned=still_owned)

@@ -17,6 +17,7 @@ __all__ = ["DECODERS", "MPP_FROM_ENCODER", "PRECISION_DTYPES", "CompressOptions"
 
 DECODERS = ("auto", "cpu", "gpu")
 MPP_FROM_ENCODER = "encoder"
+COMPILE_MODES = ("auto", "on", "off")  # --compile
 PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --precision → torch dtype name
 
 
@@ -40,7 +41,9 @@ class CompressOptions:
     batch_size: int = 128
     workers: int | None = None  # reader threads; default 2 on the CPU, every core on a GPU
     device: str = "cpu"
-    precision: str = "auto"  # fp32 | fp16 | bf16; auto: fp32 on the CPU, fp16 on a GPU
+    precision: str = "auto"  # fp32 | fp16 | bf16; auto: fp16 on a GPU, on a CPU bf16 where a trial shows it pays
+    compile: str = "auto"  # torch.compile the encoder: auto (when the slide's patches repay it) | on | off
+    fast_path: bool = True  # exact graph rewrites (pool into patchify, BatchNorm folding) and compile
     decode: str = "auto"  # where cuCIM decodes on a GPU run: cpu | gpu | auto (measured per format)
     cuda_graph: bool = True  # replay the fixed-size encoder batch as a CUDA graph
     batches_in_flight: int = 2  # GPU batches queued ahead of the one running
@@ -81,6 +84,8 @@ def check_options(options: CompressOptions) -> None:
 
     if options.decode not in DECODERS:
         raise ValueError(f"decode must be one of {', '.join(DECODERS)}, got {options.decode!r}")
+    if options.compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}; got {options.compile!r}")
     if options.precision != "auto" and options.precision not in PRECISION_DTYPES:
         raise ValueError(f"precision must be auto, {', '.join(PRECISION_DTYPES)}; got {options.precision!r}")
     if options.reader not in BACKENDS or options.reader == "image":

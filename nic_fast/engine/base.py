@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from nic_fast.encoders import Encoder
+from nic_fast.engine.fastpath import FastEncoder
 from nic_fast.grid import GridGeometry, Tile
 from nic_fast.slides import SlideError, SlideReader
 from nic_fast.slides.base import BadRegion, RegionRead
@@ -54,13 +54,10 @@ ProgressFn = Callable[[int], None]
 class EngineConfig:
     """The compression an engine runs, fixed for a whole batch of slides."""
 
-    encoder: Encoder  # on ``device``, in ``dtype``
-    encoder_source: str  # built-in name or file: where an fp32 reference copy is loaded from
+    encoder: FastEncoder  # on ``device``; its dtype may change once, after the CPU precision trial
     device: torch.device
-    dtype: torch.dtype
     variants: tuple[int, ...]  # dihedral transforms compressed per cell
     batch_size: int
-    patch_px: int  # the encoder's input side
     scale: list[float]  # per-channel normalisation: x_uint8 * scale + offset
     offset: list[float]
     background: np.ndarray  # float16 (C,): what cells without tissue hold
@@ -69,6 +66,20 @@ class EngineConfig:
     decode: str = "auto"  # GPU runs: where cuCIM decodes (cpu | gpu | auto)
     cuda_graph: bool = True
     batches_in_flight: int = 2
+
+    @property
+    def patch_px(self) -> int:
+        """The side of the patches the encoder takes (after a pool absorbed into patchify)."""
+        return self.encoder.input_px
+
+    @property
+    def pool_px(self) -> int:
+        """Extra box-downsampling patchify does for the encoder (its absorbed leading pool)."""
+        return self.encoder.pool_px
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.dtype
 
     @property
     def code_size(self) -> int:
@@ -89,7 +100,7 @@ class EncoderOutputError(ValueError):
 def encode_to_host(config: EngineConfig, patches: torch.Tensor) -> np.ndarray:
     """(N, C, P, P) normalised patches → float32 (N, code_size) on the host, checked."""
     with torch.inference_mode():
-        x = patches.to(config.device, config.dtype, non_blocking=True)
+        x = patches.to(config.device, non_blocking=True)
         out = config.encoder(x)
     embeddings = out.float().cpu().numpy()
     check_embeddings(config, embeddings)

@@ -46,9 +46,10 @@ __all__ = ["CpuEngine", "new_batch"]
 
 
 def new_batch(config: EngineConfig) -> torch.Tensor:
-    """A reusable patch buffer: channels-last, the layout oneDNN convolutions want."""
+    """A reusable patch buffer in the encoder's dtype (patchify writes bf16 itself), channels-last:
+    the layout oneDNN convolutions want."""
     shape = (config.batch_size, config.channels, config.patch_px, config.patch_px)
-    return torch.empty(shape, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+    return torch.empty(shape, dtype=config.dtype).contiguous(memory_format=torch.channels_last)
 
 
 
@@ -113,7 +114,8 @@ class _Batcher:
                 t0 = time.perf_counter()
                 kernels.patchify(pixels, plan.level_px[start : start + count],
                                  self.batch[self.filled : self.filled + count], scale=self.c.scale,
-                                 offset=self.c.offset, downsample=self.downsample, dihedral=variant)
+                                 offset=self.c.offset, downsample=self.downsample * self.c.pool_px,
+                                 dihedral=variant)
                 self.timings.patchify_s += time.perf_counter() - t0
                 self.parts.append((work, variant, plan.local_cells[start : start + count], self.filled, count))
                 work.patches += count
@@ -201,7 +203,7 @@ class CpuEngine:
             writer.close()
             handles.close()
         failures.check(job.reader)
-        return StreamResult(failures.bad_cells, {"precision": {"dtype": str(self.c.dtype).removeprefix("torch.")}})
+        return StreamResult(failures.bad_cells, {})
 
     def _consume(self, future: Future[_Region], batcher: _Batcher, job: SlideJob, failures: ReadFailures) -> None:
         """Hand a read region's good cells to the batcher; its bad cells are marked not valid."""

@@ -53,7 +53,7 @@ from nic_fast.engine.base import (
     read_region,
     max_region_px,
 )
-from nic_fast.encoders import Encoder, load_encoder
+from nic_fast.engine.fastpath import FastEncoder
 from nic_fast.grid import GridGeometry, Tile
 from nic_fast.slides.base import BadRegion
 from nic_fast.slides import SlideError
@@ -229,7 +229,7 @@ class _BatchSlot:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: torch.Tensor | None = None
 
-    def capture(self, encoder: Encoder) -> None:
+    def capture(self, encoder: FastEncoder) -> None:
         """Record the encoder on this slot's input as a CUDA graph (one launch per batch)."""
         device = self.input.device
         side = torch.cuda.Stream(device)
@@ -243,7 +243,7 @@ class _BatchSlot:
             output = encoder(self.input).contiguous()
         self.graph, self.output = graph, output
 
-    def encode(self, encoder: Encoder, filled: int) -> torch.Tensor:
+    def encode(self, encoder: FastEncoder, filled: int) -> torch.Tensor:
         """Embeddings of the first ``filled`` patches, queued on the current stream."""
         if self.graph is not None and self.output is not None:
             self.graph.replay()
@@ -344,9 +344,10 @@ class CudaEngine:
         self.slots = [_BatchSlot(config.batch_size, config.channels, config.patch_px, config.dtype, self.device)
                       for _ in range(max(2, config.batches_in_flight))]
         self.graphs = config.cuda_graph and self._capture_graphs()
+        self.captured_version = config.encoder.version  # the module the graphs replay
         self.background = torch.from_numpy(config.background).to(self.device)
         self._decode_choice: dict[str, dict[str, Any]] = {}
-        self._reference: Encoder | None = None  # fp32 copy of the encoder, loaded for the error sample
+        self._reference: Callable[[torch.Tensor], torch.Tensor] | None = None  # fp32 encoder for the error sample
 
     def _capture_graphs(self) -> bool:
         try:
@@ -362,6 +363,7 @@ class CudaEngine:
 
     # -- per slide ------------------------------------------------------------------------
     def stream(self, job: SlideJob) -> StreamResult:
+        self._settle_encoder()
         decoder, decode_attrs = self._decoder(job)
         run = _SlideRun(self, job, decoder)
         try:
@@ -374,10 +376,20 @@ class CudaEngine:
                  "batches_in_flight": len(self.slots)}
         return StreamResult(run.failures.bad_cells, attrs)
 
-    def reference_encoder(self) -> Encoder:
-        """The encoder in fp32 on this device: what the half-precision error is measured against."""
+    def _settle_encoder(self) -> None:
+        """Let the encoder compile for this slide (when its patches repay it), then re-capture
+        the graphs if the module they replay has changed."""
+        with torch.cuda.device(self.device):
+            self.c.encoder.settle(self.slots[0].input)
+        if self.c.encoder.version != self.captured_version and self.c.cuda_graph:
+            self.graphs = self._capture_graphs()
+            self.captured_version = self.c.encoder.version
+
+    def reference_encoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The (rewritten) encoder in fp32 on this device: what the half-precision error is
+        measured against, on the same pooled patches."""
         if self._reference is None:
-            self._reference = load_encoder(self.c.encoder_source, device="cpu").to(self.device, torch.float32)
+            self._reference = self.c.encoder.reference_module()
         return self._reference
 
     def _decoder(self, job: SlideJob) -> tuple[CpuDecoder | GpuDecoder, dict[str, Any]]:
@@ -622,7 +634,7 @@ class _DeviceBatch:
 
     def _patchify(self, region: torch.Tensor, cells: torch.Tensor, out: torch.Tensor, host_cells: np.ndarray,
                   variant: int) -> None:
-        kernels.patchify(region, cells, out, scale=self.c.scale, offset=self.c.offset, downsample=self.run.job.downsample,
+        kernels.patchify(region, cells, out, scale=self.c.scale, offset=self.c.offset, downsample=self.run.job.downsample * self.c.pool_px,
                          dihedral=variant, host_cells=host_cells)
 
     def _reference_input(self) -> torch.Tensor:
