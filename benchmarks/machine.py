@@ -4,23 +4,14 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 
 import torch
 
-
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo, or what platform reports elsewhere."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from nic_fast.devices import cpu_matrix_flags, cpu_model
 
 
 def describe() -> str:
-    """One line: CPU, cores, torch threads, OS and torch version."""
-    return (f"{cpu_model()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), "
+    """One line: CPU, its bf16/AMX flags, cores, torch threads, OS and torch version."""
+    flags = ", ".join(cpu_matrix_flags()) or "no AMX/avx512_bf16"
+    return (f"{cpu_model()} ({flags}), {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), "
             f"{platform.system()} {platform.release()}, torch {torch.__version__}")

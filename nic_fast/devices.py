@@ -6,9 +6,11 @@ CUDA traceback halfway through a run. torch is imported only to check a CUDA nam
 """
 from __future__ import annotations
 
+import platform
 import re
+from pathlib import Path
 
-__all__ = ["DEVICE_CHOICES", "DeviceError", "check_device"]
+__all__ = ["DEVICE_CHOICES", "DeviceError", "check_device", "cpu_matrix_flags", "cpu_model"]
 
 DEVICE_CHOICES = "cpu|cuda|cuda:N"
 _DEVICE = re.compile(r"(cpu|cuda)(?::(\d+))?")
@@ -40,3 +42,28 @@ def check_device(name: object) -> str:
     if index is not None and int(index) >= count:
         raise DeviceError(f"device {text!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
     return "cuda" if index is None else f"cuda:{int(index)}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` is empty on most Linux)."""
+    for line in _cpuinfo_lines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_matrix_flags() -> list[str]:
+    """The CPU's reduced-precision matrix flags (AMX, avx512_bf16, avx512_fp16, avx_vnni): what
+    makes bf16 fast or slow here. Quoted beside benchmark figures; the engine itself measures."""
+    for line in _cpuinfo_lines():
+        if line.startswith("flags"):
+            flags = line.split(":", 1)[1].split()
+            return sorted(f for f in flags if f.startswith("amx") or f in ("avx512_bf16", "avx512_fp16", "avx_vnni"))
+    return []
+
+
+def _cpuinfo_lines() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []

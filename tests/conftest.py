@@ -76,6 +76,24 @@ def fail_region_reads_at_origin(monkeypatch):
     return install
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache_dir(tmp_path_factory):
+    """The fast path's compile ledger and inductor cache in a folder of the test session's,
+    never the user's ~/.cache (child processes inherit it through the environment)."""
+    import os
+
+    cache = tmp_path_factory.mktemp("nic-fast-cache")
+    saved = {name: os.environ.get(name) for name in ("NIC_FAST_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")}
+    os.environ["NIC_FAST_CACHE_DIR"] = str(cache)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache / "inductor")
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(autouse=True)
 def _pickling_registrations_stay_in_their_test():
     """Undo what a test registered with copyreg. Importing Dask distributed (xarray computing

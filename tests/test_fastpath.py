@@ -237,7 +237,7 @@ def _small_encoder(tmp_path: Path):
 def _fake_rates(monkeypatch, fp32_rate: float, bf16_rate: float) -> None:
     real = fastpath._timed
 
-    def timed(module, x):
+    def timed(module, x, give_up_s=float("inf")):
         out, _ = real(module, x)
         return out, bf16_rate if x.dtype == torch.bfloat16 else fp32_rate
 
@@ -311,3 +311,15 @@ def test_compile_on_compiles_records_and_fills_the_ledger(tmp_path):
     assert torch.allclose(partial, fast.eager(x[:10]), atol=1e-6)
     entry = fastpath.CompileLedger(fastpath.cache_dir() / "compile-ledger.json").get(fast._ledger_key(64))
     assert entry is not None and entry["compile_s"] == attrs["compile_s"]
+
+
+def test_the_first_precision_verdict_on_a_machine_stands_for_later_runs(tmp_path, monkeypatch):
+    """Two runs of one cohort on one machine never mix precisions, however noisy the timing."""
+    _fake_rates(monkeypatch, 1000.0, 2000.0)
+    first = FastEncoder(_small_encoder(tmp_path), torch.device("cpu"), torch.float32, compile="off")
+    first(torch.rand(64, 3, 8, 8))
+    _fake_rates(monkeypatch, 1000.0, 20.0)  # the machine got busy: a new trial would say fp32
+    second = FastEncoder(_small_encoder(tmp_path), torch.device("cpu"), torch.float32, compile="off")
+    second(torch.rand(64, 3, 8, 8))
+    assert first.dtype == second.dtype == torch.bfloat16
+    assert "earlier run" in second.attrs()["precision"]["chosen_by"]

@@ -76,8 +76,9 @@ class Rewritten:
         return self.rewrites.pool_px
 
 
-def rewrite_encoder(encoder: Encoder) -> Rewritten:
-    """The encoder's module with every exact rewrite that applies (the encoder on the CPU, fp32)."""
+def rewrite_encoder(encoder: Encoder, *, absorb_pool: bool = True, fold_batchnorms: bool = True) -> Rewritten:
+    """The encoder's module with every exact rewrite that applies (the encoder on the CPU, fp32);
+    the keywords switch single rewrites off (the benchmark times each step)."""
     spec = encoder.spec
     example = torch.rand(_CHECK_BATCH, spec.channels, spec.input_px, spec.input_px) * 2 - 1
     try:
@@ -87,8 +88,8 @@ def rewrite_encoder(encoder: Encoder) -> Rewritten:
     if graph is None:
         return _unchanged(encoder, "not captured", how)
     _drop_guards(graph)
-    pool_px = _absorb_leading_pool(graph, spec.input_px)
-    folded = _fold_batchnorms(graph)
+    pool_px = _absorb_leading_pool(graph, spec.input_px) if absorb_pool else 1
+    folded = _fold_batchnorms(graph) if fold_batchnorms else 0
     graph.graph.eliminate_dead_code()
     graph.recompile()
     graph.delete_all_unused_submodules()

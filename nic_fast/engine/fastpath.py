@@ -24,7 +24,6 @@ import copy
 import json
 import logging
 import os
-import platform
 import threading
 import time
 import warnings
@@ -35,6 +34,7 @@ from typing import Any
 
 import torch
 
+from nic_fast.devices import cpu_model
 from nic_fast.encoders import Encoder
 from nic_fast.encoders.rewrite import Rewrites, rewrite_encoder
 from nic_fast.job import COMPILE_MODES
@@ -74,7 +74,7 @@ def choose_precision(fp32_rate: float, bf16_rate: float, bf16_error: float) -> t
     return "bf16", f"bf16 {speedup:.2f}× fp32, error {bf16_error:.2g}"
 
 
-def should_compile(patches: int, eager_rate: float, ledger: dict[str, float] | None) -> tuple[bool, str]:
+def should_compile(patches: int, eager_rate: float, ledger: dict[str, Any] | None) -> tuple[bool, str]:
     """Compile when the time it saves on ``patches`` exceeds what compiling costs here."""
     compile_s = ledger.get("compile_s", ASSUMED_COMPILE_S) if ledger else ASSUMED_COMPILE_S
     speedup = ledger.get("speedup", ASSUMED_SPEEDUP) if ledger else ASSUMED_SPEEDUP
@@ -95,10 +95,10 @@ class CompileLedger:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def get(self, key: str) -> dict[str, float] | None:
+    def get(self, key: str) -> dict[str, Any] | None:
         return self._read().get(key)
 
-    def put(self, key: str, entry: dict[str, float]) -> None:
+    def put(self, key: str, entry: dict[str, Any]) -> None:
         entries = self._read()
         entries[key] = entry
         try:
@@ -109,7 +109,7 @@ class CompileLedger:
         except OSError as exc:  # a read-only home costs the memory of it, nothing else
             log.debug("cannot write the compile ledger %s: %s", self.path, exc)
 
-    def _read(self) -> dict[str, dict[str, float]]:
+    def _read(self) -> dict[str, dict[str, Any]]:
         try:
             entries = json.loads(self.path.read_text())
         except (OSError, ValueError):
@@ -230,24 +230,42 @@ class FastEncoder:
 
     # -- precision -------------------------------------------------------------------------
     def _trial_precision(self, x: torch.Tensor) -> None:
+        """fp32 against bf16 on this batch; the first verdict on a machine stands for every
+        later run and worker there (the ledger), so one cohort's stores never mix precisions."""
+        key = "|".join(["precision", self.spec.sha256[:16] or self.spec.name, f"pool{self.pool_px}",
+                        _device_name(self.device), f"torch{torch.__version__}"])
+        earlier = self.ledger.get(key)
+        if earlier is None:
+            earlier = self._measure_precision(x)
+            self.ledger.put(key, earlier)
+        else:
+            earlier = {**earlier, "chosen_by": "measured by an earlier run on this machine (compile ledger)"}
+        choice = earlier["choice"]
+        self.precision = _Precision(torch.bfloat16 if choice == "bf16" else torch.float32, decided=True,
+                                    attrs={k: v for k, v in earlier.items() if k != "choice"})
+        self.eager_rate = earlier[f"{choice}_patches_per_s"]
+        if choice == "bf16":
+            with warnings.catch_warnings():  # deep-copying a graph module narrates torch's own deprecations
+                warnings.simplefilter("ignore")
+                self.module = self.eager = _to(copy.deepcopy(self._fp32), self.device, torch.bfloat16)
+            self.version += 1
+        log.info("encoder %r precision: %s (%s)", self.spec.name, choice, earlier["why"])
+
+    def _measure_precision(self, x: torch.Tensor) -> dict[str, Any]:
         patches = x[:TRIAL_PATCHES].float().contiguous(memory_format=torch.channels_last)
         fp32, fp32_rate = _timed(self.eager, patches)
         with warnings.catch_warnings():  # deep-copying a graph module narrates torch's own deprecations
             warnings.simplefilter("ignore")
             bf16_module = _to(copy.deepcopy(self._fp32), self.device, torch.bfloat16)
-        bf16, bf16_rate = _timed(bf16_module, patches.to(torch.bfloat16).contiguous(memory_format=torch.channels_last))
+        slow_s = 3 * len(patches) / fp32_rate  # a first bf16 call this slow cannot end up 1.3 × faster
+        bf16, bf16_rate = _timed(bf16_module, patches.to(torch.bfloat16).contiguous(memory_format=torch.channels_last),
+                                 give_up_s=slow_s)
         error = float((bf16.double() - fp32.double()).norm() / fp32.double().norm().clamp_min(1e-30))
+        del bf16_module
         choice, why = choose_precision(fp32_rate, bf16_rate, error)
-        self.precision = _Precision(
-            torch.bfloat16 if choice == "bf16" else torch.float32, decided=True,
-            attrs={"chosen_by": "measured", "why": why, "trial_patches": len(patches),
-                   "fp32_patches_per_s": round(fp32_rate, 1), "bf16_patches_per_s": round(bf16_rate, 1),
-                   "bf16_relative_l2_error": error})
-        self.eager_rate = bf16_rate if choice == "bf16" else fp32_rate
-        if choice == "bf16":
-            self.module = self.eager = bf16_module
-            self.version += 1
-        log.info("encoder %r precision: %s (%s)", self.spec.name, choice, why)
+        return {"choice": choice, "chosen_by": "measured", "why": why, "trial_patches": len(patches),
+                "fp32_patches_per_s": round(fp32_rate, 1), "bf16_patches_per_s": round(bf16_rate, 1),
+                "bf16_relative_l2_error": error}
 
     # -- compilation -----------------------------------------------------------------------
     def _ledger_key(self, batch: int) -> str:
@@ -317,13 +335,18 @@ def _to(module: Callable[[torch.Tensor], torch.Tensor], device: torch.device, dt
     return module
 
 
-def _timed(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, float]:
+def _timed(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+           give_up_s: float = float("inf")) -> tuple[torch.Tensor, float]:
     """(output, patches/s): one warm-up call, then the best of three (a shared machine's noise
-    only ever slows a run down)."""
+    only ever slows a run down). A warm-up slower than ``give_up_s`` is the answer itself:
+    where bf16 runs 50 × slower than fp32 there is nothing to refine."""
     with torch.inference_mode():
+        _sync(x.device)
+        t0 = time.perf_counter()
         out = module(x)
-        best = float("inf")
-        for _ in range(3):
+        _sync(x.device)
+        best = time.perf_counter() - t0
+        for _ in range(3 if best <= give_up_s else 0):
             _sync(x.device)
             t0 = time.perf_counter()
             module(x)
@@ -343,13 +366,3 @@ def _device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     return f"{cpu_model()} x{torch.get_num_threads()}"
 
-
-def cpu_model() -> str:
-    """The CPU's model name (``platform.processor()`` is empty on most Linux systems)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
