@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from nic_fast.engine.fastpath import FastEncoder
 from nic_fast.annotations import MaskFileError, find_mask_for, read_tissue_mask, tissue_geojson, write_geojson
 from nic_fast.grid import DIHEDRAL, GridGeometry, Tile
 from nic_fast.job import (
+    AUTO_BATCH_CAP,
     DECODERS,
     MPP_FROM_ENCODER,
     PRECISION_DTYPES,
@@ -139,10 +140,11 @@ class Compressor:
         self.workers = max(1, options.workers or default_workers)
         self.fast = FastEncoder(self.encoder, self.device, _encoder_dtype(options.precision, self.device),
                                 precision=options.precision, compile=options.compile, fast_path=options.fast_path)
+        self.batch_size = self._batch_size()
         self.background = self._background_embedding()
         self.config = EngineConfig(
             encoder=self.fast, device=self.device,
-            variants=tuple(self.variants), batch_size=options.batch_size, scale=self.scale,
+            variants=tuple(self.variants), batch_size=self.batch_size, scale=self.scale,
             offset=self.offset, background=self.background, workers=self.workers, tile_cells=options.tile_cells,
             decode=options.decode, cuda_graph=options.cuda_graph, batches_in_flight=options.batches_in_flight)
         self.engine: Engine = self._engine()
@@ -158,6 +160,17 @@ class Compressor:
         from nic_fast.engine.cuda import CudaEngine  # imported only where a GPU runs
 
         return CudaEngine(self.config)
+
+    def _batch_size(self) -> int:
+        """``--batch-size`` as given, or for ``auto`` the largest batch whose forward fits the
+        device's free memory (measured on the encoder as it will run), capped per device."""
+        if self.options.batch_size != "auto":
+            return int(self.options.batch_size)
+        from nic_fast.encoders.memory import suggest_batch_size  # only where auto asks for it
+
+        spec = replace(self.encoder.spec, input_px=self.fast.input_px)
+        probe = Encoder(spec, self.fast.module, self.encoder.source).to(self.device, self.fast.dtype)
+        return suggest_batch_size(probe, max_batch=AUTO_BATCH_CAP[self.device.type])
 
     def _background_embedding(self) -> np.ndarray:
         """What cells without tissue hold: the embedding of a white patch, or zeros."""

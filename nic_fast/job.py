@@ -18,6 +18,9 @@ __all__ = ["DECODERS", "MPP_FROM_ENCODER", "PRECISION_DTYPES", "CompressOptions"
 DECODERS = ("auto", "cpu", "gpu")
 MPP_FROM_ENCODER = "encoder"
 COMPILE_MODES = ("auto", "on", "off")  # --compile
+# --batch-size auto: the batch that fits memory, capped where larger batches stop paying (a CPU
+# is saturated by 128 patches of the paper's CNN; a GPU's graphs and pinned buffers grow with it)
+AUTO_BATCH_CAP = {"cpu": 128, "cuda": 256}
 PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --precision → torch dtype name
 
 
@@ -38,7 +41,7 @@ class CompressOptions:
     patch_px: int | None = None  # default: the encoder's input size
     stride_px: int | None = None  # default: patch_px
     augment: bool = False  # all 8 dihedral variants
-    batch_size: int = 128
+    batch_size: int | str = "auto"  # patches per encoder batch; auto: what fits memory, at most AUTO_BATCH_CAP
     workers: int | None = None  # reader threads; default 2 on the CPU, every core on a GPU
     device: str = "cpu"
     precision: str = "auto"  # fp32 | fp16 | bf16; auto: fp16 on a GPU, on a CPU bf16 where a trial shows it pays
@@ -84,6 +87,8 @@ def check_options(options: CompressOptions) -> None:
 
     if options.decode not in DECODERS:
         raise ValueError(f"decode must be one of {', '.join(DECODERS)}, got {options.decode!r}")
+    if options.batch_size != "auto" and not (isinstance(options.batch_size, int) and options.batch_size >= 1):
+        raise ValueError(f"batch size must be auto or a positive integer; got {options.batch_size!r}")
     if options.compile not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}; got {options.compile!r}")
     if options.precision != "auto" and options.precision not in PRECISION_DTYPES:

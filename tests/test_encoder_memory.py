@@ -66,3 +66,19 @@ def test_vit_batch_from_a_trial_forward(one_torch_thread: None) -> None:
     small = suggest_batch_size(encoder, "cpu", memory_bytes=1 << 30)
     large = suggest_batch_size(encoder, "cpu", memory_bytes=4 << 30)
     assert small >= 8 and abs(large - 4 * small) <= 40
+
+
+def test_compress_batch_size_auto_is_what_fits_memory_capped(tmp_path, monkeypatch):
+    """--batch-size auto (the default): the cap where memory is plenty, less where it is not."""
+    from nic_fast.compress import Compressor
+    from nic_fast.encoders import save_encoder
+    from nic_fast.job import AUTO_BATCH_CAP, CompressOptions
+
+    spec = EncoderSpec("widen", 64, None, 3, (0.0,) * 3, (1.0,) * 3, 3 * 16, "")
+    path = save_encoder(Widen(16), spec, tmp_path / "widen.pt")
+    assert Compressor(CompressOptions(encoder=str(path), mpp=None)).batch_size == AUTO_BATCH_CAP["cpu"]
+    per_patch = 3 * 16 * 64 * 64 * FLOAT * 2  # the widened tensor and its doubled copy
+    monkeypatch.setattr("nic_fast.encoders.memory.available_memory_bytes", lambda device: 40 * per_patch)
+    small = Compressor(CompressOptions(encoder=str(path), mpp=None)).batch_size
+    assert 8 <= small <= 40 and small % 8 == 0
+    assert Compressor(CompressOptions(encoder=str(path), mpp=None, batch_size=5)).batch_size == 5

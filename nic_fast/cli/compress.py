@@ -16,7 +16,7 @@ from types import FrameType
 import click
 
 from nic_fast.cli.cluster import ClusterDeviceType, dask_options, dask_target
-from nic_fast.cli.options import MppParam, output_option
+from nic_fast.cli.options import BatchSizeParam, MppParam, output_option
 from nic_fast.devices import DEVICE_CHOICES
 
 EXIT_FAILED = 1
@@ -156,7 +156,9 @@ class _Display:
 @click.option("--stride-px", type=click.IntRange(1), default=None, help="Grid stride in px [default: the patch size].")
 @click.option("--augment/--no-augment", default=False, show_default=True,
               help="Also compress the 8 dihedral variants (A = 8).")
-@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default="auto", show_default=True, type=BatchSizeParam(),
+              help="Patches per encoder batch; auto: the largest batch whose forward fits the device's free "
+                   "memory (measured by two trial batches), at most 128 on a CPU and 256 on a GPU.")
 @click.option("--workers", default=None, type=click.IntRange(1),
               help="Reader threads per slide, each with its own slide handle [default: 2 on the CPU, every core "
                    "on a GPU, shared between GPUs].")
@@ -209,7 +211,7 @@ class _Display:
 @click.pass_context
 def compress(ctx: click.Context, slides: tuple[Path, ...], out_dir: Path, slides_from: Path | None, recursive: bool,
              ext: str | None, store_names: str, encoder: str, mpp: float | str | None, patch_px: int | None,
-             stride_px: int | None, augment: bool, batch_size: int, workers: int | None, device: str | None,
+             stride_px: int | None, augment: bool, batch_size: int | str, workers: int | None, device: str | None,
              gpus: str | None, reader: str, precision: str, compile_mode: str, fast_path: bool, decode: str,
              cuda_graph: bool, slide_mpp: float | None,
              slide_mpp_csv: Path | None, tissue_masks: Path | None, min_tissue: float, background: str, overwrite: bool, lease_s: float,

@@ -95,3 +95,19 @@ class MppParam(click.ParamType):
         if not mpp > 0:
             self.fail(f"µm/px must be positive, got {value!r}", param, ctx)
         return mpp
+
+
+class BatchSizeParam(click.ParamType):
+    """``--batch-size``: patches per encoder batch, or ``auto`` for what fits memory."""
+
+    name = "N|auto"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if isinstance(value, int) or value == "auto":
+            return value
+        text = str(value).strip().lower()
+        if text == "auto":
+            return "auto"
+        if not text.isdigit() or int(text) < 1:
+            self.fail(f"{value!r} is neither a positive number of patches nor 'auto'", param, ctx)
+        return int(text)
