@@ -139,7 +139,8 @@ class Compressor:
         default_workers = available_cpus() if self.device.type == "cuda" else CPU_READER_THREADS
         self.workers = max(1, options.workers or default_workers)
         self.fast = FastEncoder(self.encoder, self.device, _encoder_dtype(options.precision, self.device),
-                                precision=options.precision, compile=options.compile, fast_path=options.fast_path)
+                                precision=options.precision, compile=options.compile, fast_path=options.fast_path,
+                                expected_slides=options.expected_slides or 1)
         self.batch_size = self._batch_size()
         self.background = self._background_embedding()
         self.config = EngineConfig(

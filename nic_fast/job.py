@@ -47,6 +47,9 @@ class CompressOptions:
     precision: str = "auto"  # fp32 | fp16 | bf16; auto: fp16 on a GPU, on a CPU bf16 where a trial shows it pays
     compile: str = "auto"  # torch.compile the encoder: auto (when the slide's patches repay it) | on | off
     fast_path: bool = True  # exact graph rewrites (pool into patchify, BatchNorm folding) and compile
+    # slides one compressor expects to compress (the batch layer sets its share of the run): the
+    # compile rule weighs the compile time against all of them, not only the first
+    expected_slides: int | None = None
     decode: str = "auto"  # where cuCIM decodes on a GPU run: cpu | gpu | auto (measured per format)
     cuda_graph: bool = True  # replay the fixed-size encoder batch as a CUDA graph
     batches_in_flight: int = 2  # GPU batches queued ahead of the one running

@@ -323,3 +323,21 @@ def test_the_first_precision_verdict_on_a_machine_stands_for_later_runs(tmp_path
     second(torch.rand(64, 3, 8, 8))
     assert first.dtype == second.dtype == torch.bfloat16
     assert "earlier run" in second.attrs()["precision"]["chosen_by"]
+
+
+def test_compile_rule_counts_the_slides_still_to_come(tmp_path, monkeypatch):
+    """A 2,000-patch slide cannot repay a compile; 1,000 such slides in the run can."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or module)
+    monkeypatch.setattr(fastpath, "_timed", lambda module, x, give_up_s=None: (module(x).float(), 1000.0))
+    one = FastEncoder(_small_encoder(tmp_path), torch.device("cpu"), torch.float32, precision="fp32")
+    one.begin_slide(2000)
+    one(torch.rand(64, 3, 8, 8))
+    assert not compiled and "2000 patches" in one.attrs()["compile"]["why"]
+    many = FastEncoder(_small_encoder(tmp_path), torch.device("cpu"), torch.float32, precision="fp32",
+                       expected_slides=1000)
+    many.begin_slide(2000)
+    many(torch.rand(64, 3, 8, 8))
+    assert len(compiled) == 1
+    # the stand-in "compiled" module is no faster: auto keeps the eager one and says so
+    assert many.attrs()["compile"]["note"] == "compiled 1.00× eager; running eagerly" and many.module is many.eager

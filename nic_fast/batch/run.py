@@ -10,10 +10,11 @@ also when the run is interrupted, so the summary never describes an older run.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -97,6 +98,8 @@ def run_batch(options: CompressOptions, items: Sequence[SlideInput], out_dir: Pa
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if options.expected_slides is None:  # each compressor weighs compiling against its share of the run
+        options = replace(options, expected_slides=max(1, math.ceil(len(items) / max(1, len(devices or [None])))))
     run = RunInfo(command=command, options=options_json(options))
     settings = BatchSettings(out_dir, run, overwrite=options.overwrite, lease_s=lease_s, qc=qc)
     keeper = _SummaryKeeper(out_dir, report=qc)

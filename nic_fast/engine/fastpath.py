@@ -11,7 +11,8 @@ Three steps, each recorded in every store's ``fast_path`` attribute:
    AMX bf16 convolutions run several times faster, without native bf16 they run many
    times slower, so nothing is assumed. On a GPU ``auto`` means fp16, as before.
 3. **Graph compilation** (``torch.compile``, inductor) when the slide's patches repay the
-   compile time: ``patches / eager_rate × (1 − 1/speedup) > compile_s``. Compile times and
+   compile time: ``patches / eager_rate × (1 − 1/speedup) > compile_s``, where ``patches``
+   is this slide's times the slides the compressor still expects in its run. Compile times and
    speed-ups measured on this machine go into a small ledger beside inductor's on-disk
    cache (:func:`cache_dir`), so a second run, or a second worker process, knows both:
    the cached compile takes seconds, not the first compile's tens of seconds. A compile
@@ -136,7 +137,7 @@ class FastEncoder:
     """
 
     def __init__(self, encoder: Encoder, device: torch.device, dtype: torch.dtype, *, precision: str = "auto",
-                 compile: str = "auto", fast_path: bool = True) -> None:
+                 compile: str = "auto", fast_path: bool = True, expected_slides: int = 1) -> None:
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
         self.spec = encoder.spec
@@ -160,6 +161,7 @@ class FastEncoder:
         self.compile_attrs: dict[str, Any] = {"mode": self.compile_mode, "compiled": False}
         self.version = 0
         self.slide_patches = 0
+        self.slides_left = expected_slides  # this slide included, once begin_slide is called
         self._compile_question = False  # asked once per slide: begin_slide sets it
         self.eager_rate: float | None = None
         self._lock = threading.Lock()
@@ -189,7 +191,10 @@ class FastEncoder:
 
     # -- per slide ----------------------------------------------------------------------------
     def begin_slide(self, patches: int) -> None:
-        """Tell the encoder how many patches the coming slide holds (for the compile rule)."""
+        """Tell the encoder how many patches the coming slide holds. The compile rule weighs
+        them times the slides this compressor still expects (later slides are assumed alike)."""
+        if self.slide_patches:
+            self.slides_left = max(1, self.slides_left - 1)
         self.slide_patches = patches
         self._compile_question = True
 
@@ -283,7 +288,7 @@ class FastEncoder:
         if self.compile_mode == "auto":
             if self.eager_rate is None:
                 _, self.eager_rate = _timed(self.eager, x.to(self.dtype).contiguous(memory_format=torch.channels_last))
-            go, why = should_compile(self.slide_patches, self.eager_rate, self.ledger.get(key))
+            go, why = should_compile(self.slide_patches * self.slides_left, self.eager_rate, self.ledger.get(key))
             self.compile_attrs["why"] = why
             if not go:
                 return  # asked again on the next slide, which may be larger
