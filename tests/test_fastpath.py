@@ -341,3 +341,28 @@ def test_compile_rule_counts_the_slides_still_to_come(tmp_path, monkeypatch):
     assert len(compiled) == 1
     # the stand-in "compiled" module is no faster: auto keeps the eager one and says so
     assert many.attrs()["compile"]["note"] == "compiled 1.00× eager; running eagerly" and many.module is many.eager
+
+
+# -- on a GPU: the same fast path inside the CUDA engine --------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compile_mode", ["off", "on"])
+def test_cuda_engine_runs_the_rewritten_and_compiled_encoder(tmp_path, compile_mode):
+    """Pool absorbed into the CUDA patchify, BatchNorms folded, fp16, the CUDA graph replaying the
+    (compiled) module: the store agrees with the CPU engine's fp32 one."""
+    from test_compress_gpu import compress, tissue_image, write_tiff
+
+    encoder = _save(tmp_path, paper_like(), ".pt", input_px=16)
+    slide = write_tiff(tmp_path / "s.tif", tissue_image(4 * 128, 5 * 128, seed=3))
+    options = dict(encoder=str(encoder), mpp=0.5, patch_px=16, tile_cells=4, batch_size=64)
+    cpu, _ = compress(slide, tmp_path / "cpu", precision="fp32", **options)
+    gpu, attrs = compress(slide, tmp_path / "gpu", device="cuda", precision="fp16", compile=compile_mode, **options)
+    np.testing.assert_allclose(gpu, cpu, atol=3e-2, rtol=0)
+    fast = attrs["fast_path"]
+    assert fast["rewrites"]["pool_px"] == 2 and fast["rewrites"]["batchnorms_folded"] == 2
+    assert attrs["precision"]["dtype"] == "float16" and attrs["precision"]["relative_l2_error"] < 1e-2
+    assert attrs["cuda_graph"] is True
+    if compile_mode == "on":
+        assert fast["compile"]["compiled"] is True or fast["compile"]["note"].startswith("not compiled")
