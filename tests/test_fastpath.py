@@ -366,3 +366,19 @@ def test_cuda_engine_runs_the_rewritten_and_compiled_encoder(tmp_path, compile_m
     assert attrs["cuda_graph"] is True
     if compile_mode == "on":
         assert fast["compile"]["compiled"] is True or fast["compile"]["note"].startswith("not compiled")
+
+
+def test_a_torchscript_encoder_without_rewrites_still_compiles(tmp_path):
+    """Dynamo cannot trace TorchScript: the file's graph goes through torch's converter first."""
+    torch.manual_seed(4)
+    module = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 6)).eval()
+    fast = FastEncoder(load_encoder(_save(tmp_path, module, ".pt", input_px=16)), torch.device("cpu"), torch.float32,
+                       precision="fp32", compile="on")
+    assert isinstance(fast.eager, torch.jit.ScriptModule) and fast.attrs()["rewrites"]["graph"] == "not captured"
+    fast.begin_slide(64)
+    x = torch.rand(64, 3, 16, 16)
+    out = fast(x)
+    attrs = fast.attrs()["compile"]
+    if attrs.get("note", "").startswith("not compiled"):
+        pytest.skip(f"inductor cannot compile here: {attrs['note']}")
+    assert attrs["compiled"] is True and torch.allclose(out, fast.eager(x), rtol=1e-4, atol=1e-5)

@@ -37,7 +37,7 @@ from torch import fx, nn
 
 from nic_fast.encoders.spec import Encoder
 
-__all__ = ["MAX_RELATIVE_ERROR", "Rewrites", "Rewritten", "rewrite_encoder"]
+__all__ = ["MAX_RELATIVE_ERROR", "Rewrites", "Rewritten", "rewrite_encoder", "script_to_graph"]
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,18 @@ def _capture(module: Any, example: torch.Tensor) -> tuple[fx.GraphModule | None,
             program = torch.export.export(module.eval(), (example,), strict=False)
             return program.module(), "torch.export"
     return None, f"cannot capture a {type(module).__name__}"
+
+
+def script_to_graph(module: torch.jit.ScriptModule, example: torch.Tensor) -> fx.GraphModule:
+    """A TorchScript module as an FX graph (torch's TorchScript converter), for what takes
+    graphs and not TorchScript (``torch.compile``). Raises what the converter raises."""
+    from torch._export.converter import TS2EPConverter  # slow to import: only when needed
+
+    with _quiet(), torch.no_grad():
+        graph = TS2EPConverter(module, (example,)).convert().module()
+    _drop_guards(graph)
+    graph.recompile()
+    return graph
 
 
 def _drop_guards(graph: fx.GraphModule) -> None:

@@ -37,7 +37,7 @@ import torch
 
 from nic_fast.devices import cpu_model
 from nic_fast.encoders import Encoder
-from nic_fast.encoders.rewrite import Rewrites, rewrite_encoder
+from nic_fast.encoders.rewrite import Rewrites, rewrite_encoder, script_to_graph
 from nic_fast.job import COMPILE_MODES
 
 __all__ = ["BF16_MAX_RELATIVE_ERROR", "BF16_MIN_SPEEDUP", "COMPILE_MODES", "FastEncoder", "cache_dir",
@@ -300,15 +300,15 @@ class FastEncoder:
         x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
         module = self.eager
         try:
-            if isinstance(module, torch.jit.ScriptModule):
-                raise RuntimeError("a TorchScript module that could not be converted to a graph")
+            if isinstance(module, torch.jit.ScriptModule):  # dynamo cannot trace TorchScript: its graph can be
+                module = script_to_graph(module, x)
             compiled = torch.compile(module, dynamic=False)
             t0 = time.perf_counter()
             with torch.inference_mode():
                 out = compiled(x)
             compile_s = time.perf_counter() - t0
             del out
-            expected, eager_rate = _timed(module, x)
+            expected, eager_rate = _timed(self.eager, x)
             compiled_out, compiled_rate = _timed(compiled, x)
             error = float((compiled_out.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30))
         except Exception as exc:  # noqa: BLE001 - inductor fails in many ways (no compiler, odd ops): stay eager
