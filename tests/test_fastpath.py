@@ -382,3 +382,34 @@ def test_a_torchscript_encoder_without_rewrites_still_compiles(tmp_path):
     if attrs.get("note", "").startswith("not compiled"):
         pytest.skip(f"inductor cannot compile here: {attrs['note']}")
     assert attrs["compiled"] is True and torch.allclose(out, fast.eager(x), rtol=1e-4, atol=1e-5)
+
+
+# -- through compress ---------------------------------------------------------------------------
+
+
+def test_compress_with_the_fast_path_matches_the_file_as_it_is_and_says_so(tmp_path):
+    """The CPU engine cuts 16-px cells and box-averages them 2× for the rewritten 8-px encoder:
+    the store equals the one from the encoder file run as it is, within float16 rounding."""
+    from click.testing import CliRunner
+    from test_compress_gpu import compress, tissue_image, write_tiff
+
+    from nic_fast.cli import main
+    from nic_fast.cli.info import _fast_path
+
+    encoder = _save(tmp_path, paper_like(), ".pt", input_px=16)
+    slide = write_tiff(tmp_path / "s.tif", tissue_image(3 * 128, 4 * 128, seed=5))
+    options = dict(encoder=str(encoder), mpp=0.5, tile_cells=4, precision="fp32", augment=True)
+    fast, attrs = compress(slide, tmp_path / "fast", **options)
+    plain, plain_attrs = compress(slide, tmp_path / "plain", fast_path=False, **options)
+    assert fast.shape == plain.shape == (8, 24, 32, 6)
+    np.testing.assert_allclose(fast, plain, atol=2e-3, rtol=2e-3)
+    rewrites = attrs["fast_path"]["rewrites"]
+    assert (rewrites["pool_px"], rewrites["batchnorms_folded"]) == (2, 2) and attrs["fast_path"]["input_px"] == 8
+    plain_rewrites = plain_attrs["fast_path"]["rewrites"]
+    assert plain_rewrites["graph"] == "off" and plain_rewrites["note"] == "--no-fast-path"
+    assert plain_rewrites["pool_px"] == 1 and plain_attrs["fast_path"]["input_px"] == 16
+    assert attrs["precision"]["dtype"] == "float32"
+    assert _fast_path(attrs) == "float32, pool 2×2 into patchify, 2 BatchNorms folded, eager"
+    assert _fast_path(plain_attrs) == "float32, eager"
+    info = CliRunner().invoke(main, ["info", str(tmp_path / "fast" / "s.zarr")])
+    assert info.exit_code == 0 and "encoder ran as" in info.output

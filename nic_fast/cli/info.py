@@ -55,9 +55,24 @@ def info(store: Path, as_json: bool) -> None:
         ("format", f"{a.get('format_version', 1)}" + (" (chunks checksummed)" if a.get("format_version", 1) >= 2 else
                                                      "")),
         ("thumbnail", "×".join(map(str, slide.thumbnail.shape))),
+        ("encoder ran as", _fast_path(a)),
         ("seconds", f"{a['timings']['total_s']:.2f}"),
         ("status", a["status"]),
     ]
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)
+
+
+def _fast_path(attrs: dict) -> str:
+    """Precision, rewrites and compilation in one line (stores made before the fast path: precision only)."""
+    precision = attrs.get("precision", {}).get("dtype", "float32")
+    fast = attrs.get("fast_path")
+    if not fast:
+        return precision
+    rewrites = fast["rewrites"]
+    done = [f"pool {rewrites['pool_px']}×{rewrites['pool_px']} into patchify"] if rewrites.get("pool_px", 1) > 1 else []
+    if rewrites.get("batchnorms_folded"):
+        done.append(f"{rewrites['batchnorms_folded']} BatchNorms folded")
+    done.append("compiled" if fast["compile"].get("compiled") else "eager")
+    return f"{precision}, " + ", ".join(done)
