@@ -210,8 +210,13 @@ def test_a_local_cluster_of_two_workers_from_the_command_line(eight_slides, eigh
     assert json.loads(report.read_text()) == []  # the scheduler runs in the client; torch only in the workers
     for slide in slides:
         assert_identical(out / f"{slide.stem}.zarr", eight_reference / f"{slide.stem}.zarr")
-    rows = json.loads((out / "summary.json").read_text())["workers"]
-    assert sorted(row["name"] for row in rows) == ["0", "1"] and sum(row["slides_ok"] for row in rows) == 3
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["workers"]
+    assert summary["counts"]["ok"] == 3 and sorted(row["name"] for row in rows) == ["0", "1"]
+    # a worker Dask lost under load (missed heartbeats) may have published before it went: the
+    # retry finds the store done and counts as that worker's skip, the summary keeps the ok
+    lost = sum(len(row.get("lost", [])) for row in rows)
+    assert 3 - lost <= sum(row["slides_ok"] for row in rows) <= 3
 
 
 # -- workers and nodes lost mid-slide --------------------------------------------------------
