@@ -228,3 +228,26 @@ def test_thumbnail_at_a_level_downsample_is_that_level(pyramid: Path, backend: s
     assert calls and general.shape == fast.shape
     assert np.abs(general.astype(int) - fast.astype(int)).max() <= 1
 
+
+
+@pytest.mark.parametrize("backend", ["cucim", "tifffile", "openslide"])
+def test_reads_into_a_given_buffer_match_fresh_reads_and_whiten_what_lies_outside(tmp_path, backend):
+    """``out=`` (a reused staging buffer) gets exactly the pixels of a fresh read, white
+    outside the level even where the buffer held another region's pixels."""
+    pytest.importorskip("cucim" if backend == "cucim" else "tifffile")
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    path = tmp_path / "slide.tif"
+    write_pyramid_tiff(path, image, mpp=0.5, tile_px=64)
+    with open_slide(path, backend=backend) as slide:
+        for y, x, h, w in [(10, 20, 100, 120), (250, 350, 100, 100), (-20, -30, 60, 70), (400, 500, 8, 8)]:
+            out = np.full((h, w, 3), 7, np.uint8)  # stale pixels from an earlier region
+            fresh = slide.read_region(0, y, x, h, w)
+            assert slide.read_region(0, y, x, h, w, out=out) is out
+            np.testing.assert_array_equal(out, fresh)
+            out[...] = 7
+            checked = slide.read_region_checked(0, y, x, h, w, out=out)
+            assert checked.pixels is out and checked.bad == []
+            np.testing.assert_array_equal(out, fresh)
+        with pytest.raises(ValueError, match="out must be"):
+            slide.read_region(0, 0, 0, 10, 10, out=np.zeros((10, 11, 3), np.uint8))

@@ -177,12 +177,13 @@ class RegionPlan:
         return (top < y1) & (top + patch_px > y0) & (left < x1) & (left + patch_px > x0)
 
 
-def read_region(reader: SlideReader, level: int, plan: RegionPlan) -> RegionRead:
+def read_region(reader: SlideReader, level: int, plan: RegionPlan, out: np.ndarray | None = None) -> RegionRead:
     """Read a plan's region with every tile checked: corrupt or undecodable tiles come back
     as bad rectangles (white pixels), every other pixel exactly as a clean read gives it.
-    An error the reader could not narrow down to tiles costs the region's cells."""
+    An error the reader could not narrow down to tiles costs the region's cells. ``out``:
+    decode into this (height, width, 3) array (a staging buffer) instead of a new one."""
     try:
-        return reader.read_region_checked(level, plan.y0, plan.x0, plan.height, plan.width)
+        return reader.read_region_checked(level, plan.y0, plan.x0, plan.height, plan.width, out=out)
     except Exception as exc:  # noqa: BLE001 - a codec's error has no common type
         return RegionRead(np.empty((0, 0, 0), np.uint8),
                           [BadRegion(plan.y0, plan.x0, plan.y0 + plan.height, plan.x0 + plan.width,

@@ -103,21 +103,25 @@ class SlideReader(abc.ABC):
         """µm/px of a level: the scanned µm/px times the level's downsample."""
         return self.mpp * self.level_downsamples[level]
 
-    def read_region(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
+    def read_region(self, level: int, y: int, x: int, height: int, width: int, *,
+                    out: np.ndarray | None = None) -> np.ndarray:
         """RGB pixels of a rectangle in ``level``'s own pixel coordinates.
 
         Returns a C-contiguous uint8 array of shape (height, width, channels) (RGB for
         every slide; one channel for grayscale plain images). Any part of the rectangle
         outside the level is white, so callers may read a grid that overhangs the
-        slide's right and bottom edges without special cases.
+        slide's right and bottom edges without special cases. ``out`` (such an array,
+        e.g. a view of a pinned staging buffer) is filled and returned instead of a new
+        one: the backend's pixels are copied once, straight where they are needed.
         """
-        out, inside = self._blank_region(level, y, x, height, width)
+        out, inside = self._blank_region(level, y, x, height, width, out)
         if inside is not None:
             y0, x0, y1, x1 = inside
-            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._read_inside(level, y0, x0, y1 - y0, x1 - x0)
+            self._read_inside_into(level, y0, x0, y1 - y0, x1 - x0, out[y0 - y : y1 - y, x0 - x : x1 - x])
         return out
 
-    def read_region_checked(self, level: int, y: int, x: int, height: int, width: int) -> RegionRead:
+    def read_region_checked(self, level: int, y: int, x: int, height: int, width: int, *,
+                            out: np.ndarray | None = None) -> RegionRead:
         """``read_region`` that never passes off undecodable or corrupt data as pixels.
 
         When the slide is a TIFF whose tiles can be located, every compressed tile the
@@ -126,9 +130,9 @@ class SlideReader(abc.ABC):
         read still raises, the region is read again tile by tile (in 256-px blocks
         where there is no tile grid: MRXS, NDPI, ...), so only the failing tiles are
         lost. The cost on a clean region is the check alone (see
-        ``benchmarks/tile_check.py``).
+        ``benchmarks/tile_check.py``). ``out`` is as for :meth:`read_region`.
         """
-        out, inside = self._blank_region(level, y, x, height, width)
+        out, inside = self._blank_region(level, y, x, height, width, out)
         result = RegionRead(out)
         if inside is None:
             return result
@@ -143,6 +147,8 @@ class SlideReader(abc.ABC):
                          lambda rect: [_clip(grid.rect(*tile), rect) for tile in tiles_of(grid, *rect)])
         result.absent = [_clip(grid.rect(*tile), inside) for tile in sorted(report.absent)]
         for y0, x0, y1, x1 in result.absent:
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = WHITE
+        for y0, x0, y1, x1, _ in result.bad:  # a reused ``out`` still holds the last region there
             out[y0 - y : y1 - y, x0 - x : x1 - x] = WHITE
         return result
 
@@ -172,7 +178,7 @@ class SlideReader(abc.ABC):
         for part in parts:
             y0, x0, y1, x1 = part
             try:
-                result.pixels[y0 - oy : y1 - oy, x0 - ox : x1 - ox] = self._read_inside(level, y0, x0, y1 - y0, x1 - x0)
+                self._read_inside_into(level, y0, x0, y1 - y0, x1 - x0, result.pixels[y0 - oy : y1 - oy, x0 - ox : x1 - ox])
             except SlideError as exc:
                 pieces = split(part)
                 if pieces == [part]:
@@ -180,10 +186,24 @@ class SlideReader(abc.ABC):
                 else:
                     self._read_parts(result, level, origin, pieces, lambda rect: [rect])
 
-    def _blank_region(self, level: int, y: int, x: int, height: int, width: int) -> tuple[np.ndarray, Rect | None]:
-        """A white (height, width, channels) array and the part of the request inside the level."""
+    def _blank_region(self, level: int, y: int, x: int, height: int, width: int,
+                      out: np.ndarray | None = None) -> tuple[np.ndarray, Rect | None]:
+        """The array a region is read into, white where the request lies outside the level
+        (a new white array, or ``out`` checked and whitened outside), and the part inside."""
         inside = self._inside(level, y, x, height, width)
-        return np.full((height, width, self.channels), WHITE, dtype=np.uint8), inside
+        if out is None:
+            return np.full((height, width, self.channels), WHITE, dtype=np.uint8), inside
+        shape = (height, width, self.channels)
+        if out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError(f"out must be a writable C-contiguous uint8 array of shape {shape}, "
+                             f"got {out.dtype} {out.shape}")
+        if inside is None:
+            out[...] = WHITE
+        else:
+            y0, x0, y1, x1 = inside
+            out[: y0 - y], out[y1 - y :] = WHITE, WHITE
+            out[:, : x0 - x], out[:, x1 - x :] = WHITE, WHITE
+        return out, inside
 
     def _inside(self, level: int, y: int, x: int, height: int, width: int) -> Rect | None:
         """The part of a requested rectangle inside the level (None if nothing is)."""
@@ -217,6 +237,11 @@ class SlideReader(abc.ABC):
     @abc.abstractmethod
     def _read_inside(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
         """Backend read of a rectangle that lies wholly inside the level: (h, w, 3) uint8."""
+
+    def _read_inside_into(self, level: int, y: int, x: int, height: int, width: int, out: np.ndarray) -> None:
+        """:meth:`_read_inside` into ``out`` (an (h, w, channels) view): one copy of the
+        backend's buffer; backends that assemble tiles themselves write there directly."""
+        out[...] = self._read_inside(level, y, x, height, width)
 
     @abc.abstractmethod
     def reopen(self) -> SlideReader:
