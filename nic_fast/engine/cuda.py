@@ -53,19 +53,27 @@ from nic_fast.engine.base import (
     read_region,
     max_region_px,
 )
+from nic_fast.engine.decode_split import DecodeSplit, Side
 from nic_fast.engine.fastpath import FastEncoder
+from nic_fast.engine.tile_decode import nvimgcodec_available
 from nic_fast.grid import GridGeometry, Tile
-from nic_fast.slides.base import BadRegion
 from nic_fast.slides import SlideError
+from nic_fast.slides.base import BadRegion
+from nic_fast.slides.jpeg_tiles import JpegLevel, jpeg_problem
+from nic_fast.slides.tiles import TiffTiles
 
-__all__ = ["CpuDecoder", "CudaEngine", "EventReleaser", "GpuDecoder", "StagingRing"]
+__all__ = ["CpuDecoder", "CucimDeviceReads", "CudaEngine", "EventReleaser", "GpuDecoder", "SplitDecoder", "StagingRing",
+           "TileDeviceReads"]
 
 log = logging.getLogger(__name__)
 
 RGB = 3
 GPU_DECODE_THREADS = 2  # GPU decodes queue on one device: two host threads keep it fed
-GRAPH_WARMUP_CALLS = 3  # TorchScript's profiling executor settles after a few calls
-DECODE_PROBE_READS = 2  # timed reads per decoder when --decode auto measures a format
+# TorchScript's profiling executor re-optimises during its first calls (3 when the
+# background embedding ran at batch 1 first): warm well past that, so the graph records
+# the optimised plan and no profiling step.
+GRAPH_WARMUP_CALLS = 10
+DECODE_PROBE_READS = 2  # timed reads per decoder when --decode auto measures a kind of level
 
 
 # -- host-side buffer pools (no CUDA needed: tested on the CPU) -----------------------------
@@ -201,7 +209,8 @@ class _Staged:
     plan: RegionPlan  # the cells to encode: those whose pixels were read cleanly
     slot: StagingSlot | None = None
     device_pixels: torch.Tensor | None = None
-    owner: Any = None  # cuCIM's image that owns device_pixels' memory
+    owner: Any = None  # what owns device_pixels' memory (cuCIM's image, nvImageCodec's tiles)
+    ready: torch.cuda.Event | None = None  # recorded on the decode stream after device_pixels' last write
     failed_cells: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.int32))  # local (i, j), not valid
     reasons: dict[str, int] = field(default_factory=dict)  # failed cells by reason
     cells_read: int = 0  # cells of the region before the failed ones were taken out
@@ -244,8 +253,10 @@ class _BatchSlot:
         self.graph, self.output = graph, output
 
     def encode(self, encoder: FastEncoder, filled: int) -> torch.Tensor:
-        """Embeddings of the first ``filled`` patches, queued on the current stream."""
-        if self.graph is not None and self.output is not None:
+        """Embeddings of the first ``filled`` patches, queued on the current stream. A
+        partial batch (a slide's last) runs eagerly on its rows alone rather than
+        replaying the whole batch's graph."""
+        if self.graph is not None and self.output is not None and filled == len(self.input):
             self.graph.replay()
             return self.output[:filled]
         return encoder(self.input[:filled]).contiguous()
@@ -255,7 +266,8 @@ class _BatchSlot:
 
 
 class CpuDecoder:
-    """cuCIM (or OpenSlide) decodes on a reader thread into a pinned staging slot."""
+    """cuCIM (or tifffile, OpenSlide) decodes on a reader thread straight into a pinned
+    staging slot (``out=``: no region-sized intermediate, no second copy)."""
 
     def __init__(self, job: SlideJob, ring: StagingRing, threads: int) -> None:
         self.level = job.level
@@ -266,31 +278,54 @@ class CpuDecoder:
         self.lookahead = ring.count  # never more reads in flight than slots: no reader can starve the consumer
 
     def __call__(self, plan: RegionPlan) -> _Staged:
-        read = read_region(self.handles.get(), self.level, plan)
+        slot = self.ring.acquire()
+        read = read_region(self.handles.get(), self.level, plan, out=slot.pixel_view(plan.height, plan.width))
         staged = _Staged.checked(plan, self.grid, read.bad)
         if staged.plan.n_cells == 0:
+            self.ring.release(slot)
             return staged
-        slot = self.ring.acquire()
-        np.copyto(slot.pixel_view(plan.height, plan.width), read.pixels)
         slot.cells[: staged.plan.n_cells].numpy()[...] = staged.plan.level_px
         staged.slot = slot
         return staged
+
+    def report(self) -> dict[str, Any]:
+        return {}
 
     def close(self) -> None:
         self.handles.close()
 
 
-class GpuDecoder:
-    """cuCIM decodes on the GPU (nvJPEG, or nvImageCodec with the cuslide2 plugin) into
-    device memory, which the patchify kernel reads in place."""
+class _ThreadStreams:
+    """One CUDA stream per decoding thread, so that decodes of different regions overlap."""
 
-    def __init__(self, path: Path, level: int, level_downsample: float, grid: GridGeometry,
-                 device: torch.device) -> None:
-        self.path, self.level, self.level_downsample, self.device = path, level, level_downsample, device
-        self.grid = grid
-        self.threads = GPU_DECODE_THREADS
-        self.lookahead = 2 * GPU_DECODE_THREADS
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self._local = threading.local()
+
+    def get(self) -> torch.cuda.Stream:
+        if not hasattr(self._local, "stream"):
+            self._local.stream = torch.cuda.Stream(self.device)
+        return self._local.stream
+
+    def ready(self) -> torch.cuda.Event:
+        """An event after the work queued so far on this thread's stream."""
+        event = torch.cuda.Event()
+        event.record(self.get())
+        return event
+
+
+DeviceRead = tuple[torch.Tensor, Any, torch.cuda.Event]  # pixels, their memory's owner, written when this fires
+
+
+class CucimDeviceReads:
+    """cuCIM decodes a region on the GPU (nvJPEG; JPEG tiles only) into device memory."""
+
+    name = "cucim"
+
+    def __init__(self, path: Path, level: int, level_downsample: float, device: torch.device) -> None:
+        self.path, self.level, self.level_downsample, self.device = path, level, level_downsample, device
+        self._local = threading.local()
+        self.streams = _ThreadStreams(device)
 
     def _image(self) -> Any:
         if not hasattr(self._local, "image"):
@@ -299,8 +334,8 @@ class GpuDecoder:
             self._local.image = CuImage(str(self.path))
         return self._local.image
 
-    def read(self, plan: RegionPlan) -> tuple[torch.Tensor, Any]:
-        """(device uint8 (h, w, 3) tensor, the cuCIM object owning its memory)."""
+    def read(self, plan: RegionPlan, absent: list[tuple[int, int, int, int]]) -> DeviceRead:
+        """A device uint8 (h, w, 3) tensor, the cuCIM object owning its memory, its event."""
         # cuCIM takes level-0 locations and floors them by the downsample: ceil lands on (y0, x0)
         location = (math.ceil(plan.x0 * self.level_downsample), math.ceil(plan.y0 * self.level_downsample))
         region = self._image().read_region(location=location, size=(plan.width, plan.height), level=self.level,
@@ -309,21 +344,108 @@ class GpuDecoder:
         if pixels.dtype != torch.uint8 or tuple(pixels.shape) != (plan.height, plan.width, RGB):
             raise SlideError(f"{self.path}: cuCIM's GPU decode returned {tuple(pixels.shape)} {pixels.dtype}, "
                              f"expected ({plan.height}, {plan.width}, 3) uint8; use --decode cpu")
-        # cuCIM decodes on its own stream: wait for it before any stream of ours reads the pixels
+        # cuCIM decodes on a stream of its own: wait for it before any stream of ours reads the pixels
         torch.cuda.synchronize(self.device)
-        return pixels, region
-
-    def __call__(self, plan: RegionPlan) -> _Staged:
-        try:
-            pixels, owner = self.read(plan)
-        except Exception as exc:  # noqa: BLE001 - a decode error costs these cells, not the slide
-            area = BadRegion(plan.y0, plan.x0, plan.y0 + plan.height, plan.x0 + plan.width,
-                           f"unreadable region on the GPU decoder ({type(exc).__name__}: {exc})")
-            return _Staged.checked(plan, self.grid, [area])
-        return _Staged(plan, device_pixels=pixels, owner=owner, cells_read=plan.n_cells)
+        with torch.cuda.stream(self.streams.get()):
+            for y0, x0, y1, x1 in absent:  # zero-length tiles are white, as on the CPU path
+                pixels[y0 - plan.y0 : y1 - plan.y0, x0 - plan.x0 : x1 - plan.x0] = 255
+        return pixels, region, self.streams.ready()
 
     def close(self) -> None:
         self._local = threading.local()
+
+
+class TileDeviceReads:
+    """nvImageCodec decodes the region's JPEG tiles, read from the file by nic-fast, in one
+    batch on the GPU (:mod:`nic_fast.engine.tile_decode`); zero-length tiles stay white."""
+
+    name = "nvimagecodec"
+
+    def __init__(self, tiles: TiffTiles, level: JpegLevel, device: torch.device) -> None:
+        from nic_fast.engine.tile_decode import NvImageCodec, TileRegionReader
+
+        self.tiles, self.device = tiles, device
+        self.reader = TileRegionReader(level, NvImageCodec(device.index))
+        self.streams = _ThreadStreams(device)
+
+    def read(self, plan: RegionPlan, absent: list[tuple[int, int, int, int]]) -> DeviceRead:
+        with torch.cuda.stream(self.streams.get()):
+            pixels, images = self.reader.read_device(plan.y0, plan.x0, plan.height, plan.width, self.device)
+        return pixels, images, self.streams.ready()
+
+    def close(self) -> None:
+        self.tiles.close()
+
+
+GpuReads = CucimDeviceReads | TileDeviceReads
+
+
+class GpuDecoder:
+    """Regions decoded on the GPU into device memory, which the patchify kernel reads in place.
+
+    Every region's tiles are checked first, as on the CPU path (``check_region``): a
+    region with a corrupt tile, or whose GPU decode fails, is decoded by the CPU decoder
+    instead, which isolates the bad tiles; a GPU failure never costs cells by itself.
+    """
+
+    def __init__(self, reads: GpuReads, job: SlideJob, fallback: CpuDecoder) -> None:
+        self.reads, self.level, self.fallback = reads, job.level, fallback
+        self.threads = GPU_DECODE_THREADS
+        self.lookahead = min(2 * GPU_DECODE_THREADS, fallback.ring.count)  # a fallback needs a staging slot
+        self.on_cpu: dict[str, int] = {}  # regions the CPU decoded instead, by reason
+
+    def __call__(self, plan: RegionPlan) -> _Staged:
+        check = self.fallback.handles.get().check_region(self.level, plan.y0, plan.x0, plan.height, plan.width)
+        if check.bad:
+            return self._on_cpu(plan, "corrupt tiles")
+        try:
+            pixels, owner, ready = self.reads.read(plan, check.absent)
+        except Exception as exc:  # noqa: BLE001 - the CPU decoder reads this region instead
+            if not self.on_cpu.get("gpu decode failed"):
+                log.warning("%s: GPU decode failed at (y=%d, x=%d), decoding on the CPU instead (%s: %s)",
+                            self.fallback.handles.reader.path, plan.y0, plan.x0, type(exc).__name__, exc)
+            return self._on_cpu(plan, "gpu decode failed")
+        return _Staged(plan, device_pixels=pixels, owner=owner, ready=ready, cells_read=plan.n_cells)
+
+    def _on_cpu(self, plan: RegionPlan, reason: str) -> _Staged:
+        self.on_cpu[reason] = self.on_cpu.get(reason, 0) + 1
+        return self.fallback(plan)
+
+    def report(self) -> dict[str, Any]:
+        return {"decoder": self.reads.name, "regions_on_cpu_instead": dict(self.on_cpu)}
+
+    def close(self) -> None:
+        try:
+            self.reads.close()
+        finally:
+            self.fallback.close()
+
+
+class SplitDecoder:
+    """The CPU reader threads and the GPU decode at once: each region goes to the side
+    :class:`~nic_fast.engine.decode_split.DecodeSplit` expects to finish it first."""
+
+    def __init__(self, cpu: CpuDecoder, gpu: GpuDecoder, split: DecodeSplit) -> None:
+        self.cpu, self.gpu, self.split = cpu, gpu, split
+        self.threads = split.capacity
+        self.lookahead = cpu.ring.count  # any region in flight may hold a staging slot (a GPU one falls back)
+
+    def __call__(self, plan: RegionPlan) -> _Staged:
+        side = self.split.acquire()
+        t0 = time.perf_counter()
+        try:
+            return (self.gpu if side == "gpu" else self.cpu)(plan)
+        finally:
+            self.split.release(side, time.perf_counter() - t0)
+
+    def report(self) -> dict[str, Any]:
+        return {"regions": self.split.shares(), **self.gpu.report()}
+
+    def close(self) -> None:
+        self.gpu.close()
+
+
+Decoder = CpuDecoder | GpuDecoder | SplitDecoder
 
 
 # -- the engine -----------------------------------------------------------------------------
@@ -346,8 +468,9 @@ class CudaEngine:
         self.graphs = config.cuda_graph and self._capture_graphs()
         self.captured_version = config.encoder.version  # the module the graphs replay
         self.background = torch.from_numpy(config.background).to(self.device)
-        self._decode_choice: dict[str, dict[str, Any]] = {}
+        self._measured: dict[tuple[Any, ...], dict[str, Any]] = {}  # decode times by kind of level
         self._reference: Callable[[torch.Tensor], torch.Tensor] | None = None  # fp32 encoder for the error sample
+        self._buffers: _SlideBuffers | None = None  # staging, device regions and tiles: reused by every slide
 
     def _capture_graphs(self) -> bool:
         try:
@@ -364,16 +487,19 @@ class CudaEngine:
     # -- per slide ------------------------------------------------------------------------
     def stream(self, job: SlideJob) -> StreamResult:
         self._settle_encoder()
-        decoder, decode_attrs = self._decoder(job)
-        run = _SlideRun(self, job, decoder)
+        buffers = self.buffers(job)
+        decoder, decode_attrs = self._decoder(job, buffers.ring)
+        run = _SlideRun(self, job, decoder, buffers)
         try:
             with torch.cuda.device(self.device), torch.cuda.stream(self.compute):
                 run.stream()
         finally:
-            decoder.close()
-            run.close()
-        attrs = {"precision": run.precision_attrs, "decode": decode_attrs, "cuda_graph": self.graphs,
-                 "batches_in_flight": len(self.slots)}
+            try:
+                decoder.close()
+            finally:
+                run.close()
+        attrs = {"precision": run.precision_attrs, "decode": {**decode_attrs, **decoder.report()},
+                 "cuda_graph": self.graphs, "batches_in_flight": len(self.slots)}
         return StreamResult(run.failures.bad_cells, attrs)
 
     def _settle_encoder(self) -> None:
@@ -385,6 +511,17 @@ class CudaEngine:
             self.graphs = self._capture_graphs()
             self.captured_version = self.c.encoder.version
 
+    def buffers(self, job: SlideJob) -> _SlideBuffers:
+        """The pinned staging ring, device regions and tile pool, allocated once and reused
+        by every slide (pinning ~1 GB costs about a second); made anew only when a slide
+        needs larger regions than any before it."""
+        height, width = max_region_px(job.grid, self.c.tile_cells)
+        region_bytes = height * width * RGB
+        if self._buffers is None or self._buffers.region_bytes < region_bytes:
+            self._buffers = None  # free the smaller pinned buffers before pinning the new ones
+            self._buffers = _SlideBuffers(self, region_bytes)
+        return self._buffers
+
     def reference_encoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """The (rewritten) encoder in fp32 on this device: what the half-precision error is
         measured against, on the same pooled patches."""
@@ -392,51 +529,78 @@ class CudaEngine:
             self._reference = self.c.encoder.reference_module()
         return self._reference
 
-    def _decoder(self, job: SlideJob) -> tuple[CpuDecoder | GpuDecoder, dict[str, Any]]:
-        """The decoder for this slide: --decode cpu/gpu as asked; auto measures each format once."""
-        mode = self.c.decode
-        if job.reader.backend != "cucim":
-            return self._cpu_decoder(job), {"device": "cpu", "reason": f"the {job.reader.backend} reader decodes on the CPU only"}
-        if mode != "auto":
-            chosen = {"device": mode, "reason": f"--decode {mode}"}
-        else:
-            key = f"{job.reader.backend}:{job.reader.path.suffix.lower()}"
-            if key not in self._decode_choice:
-                self._decode_choice[key] = self._measure_decoders(job)
-            chosen = self._decode_choice[key]
-        if chosen["device"] == "gpu":
-            return self._gpu_decoder(job), chosen
-        return self._cpu_decoder(job), chosen
+    def _decoder(self, job: SlideJob, ring: StagingRing) -> tuple[Decoder, dict[str, Any]]:
+        """This slide's decoder, decided from its level: the CPU threads alone (--decode
+        cpu, a level that is not JPEG, no GPU decoder), the GPU alone (--decode gpu) or
+        both at once, split by measured region times (auto)."""
+        cpu = CpuDecoder(job, ring, self.c.workers)
+        if self.c.decode == "cpu":
+            return cpu, {"device": "cpu", "reason": "--decode cpu"}
+        reads, kind, why = self._gpu_reads(job)
+        if reads is None:
+            return cpu, {"device": "cpu", "reason": why}
+        gpu = GpuDecoder(reads, job, cpu)
+        if self.c.decode == "gpu":
+            return gpu, {"device": "gpu", "reason": "--decode gpu"}
+        key = (reads.name, *kind)
+        if key not in self._measured:
+            self._measured[key] = _measure_decoders(job, cpu, gpu)
+        measured = self._measured[key]
+        if "gpu_region_s" not in measured:
+            gpu.reads.close()
+            return cpu, {"device": "cpu", **measured}
+        split = DecodeSplit([Side("gpu", gpu.threads, measured["gpu_region_s"]),
+                             Side("cpu", cpu.threads, measured["cpu_region_s"])])
+        return SplitDecoder(cpu, gpu, split), {"device": "cpu+gpu", **measured}
 
-    def _cpu_decoder(self, job: SlideJob) -> CpuDecoder:
-        height, width = max_region_px(job.grid, self.c.tile_cells)
-        ring = StagingRing(self.c.workers + 2, height * width * RGB, self.c.tile_cells ** 2, pin=True)
-        return CpuDecoder(job, ring, self.c.workers)
-
-    def _gpu_decoder(self, job: SlideJob) -> GpuDecoder:
-        return GpuDecoder(job.reader.path, job.level, job.reader.level_downsamples[job.level], job.grid, self.device)
-
-    def _measure_decoders(self, job: SlideJob) -> dict[str, Any]:
-        """Time one region decoded each way and pick the higher estimated throughput:
-        CPU decoding scales with the reader threads, GPU decodes share one device."""
-        plans = [RegionPlan.of(job.grid, tile, cells) for tile, cells in job.tiles if len(cells)]
-        if not plans:
-            return {"device": "cpu", "reason": "no tissue to measure"}
-        plan = max(plans, key=lambda p: p.height * p.width)
-        cpu_s = _best_of(lambda: job.reader.read_region(job.level, plan.y0, plan.x0, plan.height, plan.width))
-        gpu = self._gpu_decoder(job)
+    def _gpu_reads(self, job: SlideJob) -> tuple[GpuReads | None, tuple[Any, ...], str]:
+        """A GPU decoder for the slide's level, the kind of level it is (what a measurement
+        is kept for), or None and why not: GPU decoders take JPEG tiles only."""
         try:
-            gpu.read(plan)  # the first GPU decode initialises the codec
-            gpu_s = _best_of(lambda: gpu.read(plan))
-        except Exception as exc:  # noqa: BLE001 - no GPU codec for this file: decode on the CPU
-            return {"device": "cpu", "reason": f"GPU decode unavailable ({type(exc).__name__}: {exc})",
-                    "cpu_region_ms": round(cpu_s * 1e3, 2)}
-        finally:
-            gpu.close()
-        cpu_rate, gpu_rate = self.c.workers / cpu_s, 1.0 / gpu_s
-        return {"device": "gpu" if gpu_rate > cpu_rate else "cpu", "reason": "measured",
-                "cpu_region_ms": round(cpu_s * 1e3, 2), "gpu_region_ms": round(gpu_s * 1e3, 2),
-                "cpu_threads": self.c.workers, "region_px": [plan.height, plan.width]}
+            tiles = TiffTiles(job.reader.path, job.reader.level_dims)
+        except Exception as exc:  # noqa: BLE001 - not a TIFF tifffile parses: no tiles to hand to a GPU decoder
+            return None, (), f"GPU decode needs a TIFF's JPEG tiles; tifffile cannot parse it ({type(exc).__name__})"
+        grid = tiles.grid(job.level)
+        problem = jpeg_problem(tiles, grid)
+        level = None if problem else JpegLevel.of(tiles, job.level)
+        if level is None:
+            tiles.close()
+            return None, (), f"GPU decode needs JPEG tiles; level {job.level} has {problem}"
+        kind = (level.rgb, level.grid.tile_h, level.grid.tile_w)
+        if nvimgcodec_available():
+            return TileDeviceReads(tiles, level, self.device), kind, ""
+        tiles.close()
+        if job.reader.backend == "cucim":
+            return CucimDeviceReads(job.reader.path, job.level, job.reader.level_downsamples[job.level],
+                                    self.device), kind, ""
+        return None, (), "no GPU JPEG decoder: install nvImageCodec (pip install 'nic-fast[gpu]') or read with cuCIM"
+
+
+def _measure_decoders(job: SlideJob, cpu: CpuDecoder, gpu: GpuDecoder) -> dict[str, Any]:
+    """One region's decode time on each side, the split's starting point (it follows the
+    observed times from there); a GPU that cannot decode the level leaves it to the CPU."""
+    plans = [RegionPlan.of(job.grid, tile, cells) for tile, cells in job.tiles if len(cells)]
+    if not plans:
+        return {"reason": "no tissue to measure"}
+    plan = max(plans, key=lambda p: p.height * p.width)
+
+    def on_cpu() -> None:
+        staged = cpu(plan)
+        if staged.slot is not None:
+            cpu.ring.release(staged.slot)
+
+    def on_gpu() -> None:
+        gpu.reads.read(plan, [])[2].synchronize()
+
+    cpu_s = _best_of(on_cpu)
+    found = {"region_px": [plan.height, plan.width], "cpu_region_s": round(cpu_s, 5), "cpu_threads": cpu.threads}
+    try:
+        on_gpu()  # the first GPU decode initialises the codec
+        gpu_s = _best_of(on_gpu)
+    except Exception as exc:  # noqa: BLE001 - no GPU codec for this file: decode on the CPU
+        return {**found, "reason": f"GPU decode unavailable ({type(exc).__name__}: {exc})"}
+    return {**found, "reason": "measured", "decoder": gpu.reads.name, "gpu_region_s": round(gpu_s, 5),
+            "gpu_threads": gpu.threads}
 
 
 def _best_of(read: Callable[[], Any]) -> float:
@@ -448,6 +612,23 @@ def _best_of(read: Callable[[], Any]) -> float:
     return best
 
 
+class _SlideBuffers:
+    """What every slide of an engine streams through: the pinned staging ring, two device
+    region buffers and the device/pinned tile pool, sized for ``region_bytes``."""
+
+    def __init__(self, engine: CudaEngine, region_bytes: int) -> None:
+        c = engine.c
+        max_cells = c.tile_cells ** 2
+        self.region_bytes = region_bytes
+        self.ring = StagingRing(c.workers + 2 + 2 * GPU_DECODE_THREADS, region_bytes, max_cells, pin=True)
+        self.regions = [_DeviceRegion(torch.empty(region_bytes, dtype=torch.uint8, device=engine.device),
+                                      torch.empty((max_cells, 2), dtype=torch.int32, device=engine.device),
+                                      torch.cuda.Event()) for _ in range(2)]
+        for region in self.regions:
+            region.free.record(engine.compute)
+        self.tiles = _TilePool(2 * (c.workers + 2), len(c.variants) * max_cells * c.code_size, engine.device)
+
+
 def _host_event() -> torch.cuda.Event:
     """An event a host thread waits on: blocking, so the waiting thread sleeps instead of
     spinning on a core that the decoders need."""
@@ -455,21 +636,15 @@ def _host_event() -> torch.cuda.Event:
 
 
 class _SlideRun:
-    """The state of one slide on the GPU: region buffers, tile pool, the partial batch."""
+    """The state of one slide on the GPU: the decoder, writer and releaser, the partial
+    batch; the buffers are the engine's (:class:`_SlideBuffers`)."""
 
-    def __init__(self, engine: CudaEngine, job: SlideJob, decoder: CpuDecoder | GpuDecoder) -> None:
+    def __init__(self, engine: CudaEngine, job: SlideJob, decoder: Decoder, buffers: _SlideBuffers) -> None:
         self.e, self.c, self.job, self.decoder = engine, engine.c, job, decoder
         self.timings: Timings = job.timings
-        height, width = max_region_px(job.grid, self.c.tile_cells)
-        max_cells = self.c.tile_cells ** 2
-        self.regions = [_DeviceRegion(torch.empty(height * width * RGB, dtype=torch.uint8, device=engine.device),
-                                      torch.empty((max_cells, 2), dtype=torch.int32, device=engine.device),
-                                      torch.cuda.Event()) for _ in range(2)]
-        for region in self.regions:
-            region.free.record(engine.compute)
+        self.ring, self.regions, self.tiles = buffers.ring, buffers.regions, buffers.tiles
         self.next_region = 0
-        tile_numel = len(self.c.variants) * max_cells * self.c.code_size
-        self.tiles = _TilePool(2 * (self.c.workers + 2), tile_numel, engine.device)
+        self.stages = _StageTimer(engine.compute)
         self.writer = TileWriter(job.store, max_pending=len(self.tiles.device_buffers))
         self.releaser = EventReleaser()
         self.batch = _DeviceBatch(self)
@@ -509,6 +684,7 @@ class _SlideRun:
             finally:
                 self.releaser.close()
                 self.timings.extra.update(self.wait)
+                self.timings.patchify_s, self.timings.encode_s = self.stages.seconds("patchify", "encode")
 
     def _consume(self, future: Future[_Staged]) -> None:
         t0 = time.perf_counter()
@@ -527,14 +703,15 @@ class _SlideRun:
         if staged.slot is not None:
             region, cells, buffer = self._upload(staged.slot, plan)
         else:
-            assert staged.device_pixels is not None
+            assert staged.device_pixels is not None and staged.ready is not None
+            self.e.compute.wait_event(staged.ready)  # the decode stream has written the pixels
             region, cells, buffer = staged.device_pixels, torch.from_numpy(plan.level_px).to(self.e.device), None
         self.batch.add(region, cells, plan, tile)
         read_done = _host_event()
         read_done.record(self.e.compute)
         if buffer is not None:
             buffer.free = read_done
-        else:  # keep cuCIM's device memory alive until the kernels reading it have run
+        else:  # keep the decoder's device memory alive until the kernels reading it have run
             self.releaser.put(read_done.synchronize, partial(_drop, staged))
 
     def _upload(self, slot: StagingSlot, plan: RegionPlan) -> tuple[torch.Tensor, torch.Tensor, _DeviceRegion]:
@@ -548,8 +725,7 @@ class _SlideRun:
             buffer.cells[: plan.n_cells].copy_(slot.cells[: plan.n_cells], non_blocking=True)
             copied = _host_event()
             copied.record(self.e.upload)
-        assert isinstance(self.decoder, CpuDecoder)  # only the CPU decoder stages on the host
-        self.releaser.put(copied.synchronize, partial(self.decoder.ring.release, slot))
+        self.releaser.put(copied.synchronize, partial(self.ring.release, slot))
         self.e.compute.wait_event(copied)
         return buffer.pixels[:n_bytes].view(plan.height, plan.width, RGB), buffer.cells[: plan.n_cells], buffer
 
@@ -594,6 +770,29 @@ def _drop(staged: _Staged) -> None:
     staged.device_pixels = staged.owner = None
 
 
+class _StageTimer:
+    """Device time of the patchify and encode kernels, from event pairs on the compute
+    stream (host timers would only see the asynchronous launches); read once at the end
+    of a slide, after the stream has finished."""
+
+    def __init__(self, stream: torch.cuda.Stream) -> None:
+        self.stream = stream
+        self.pairs: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {}
+
+    def start(self) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(self.stream)
+        return event
+
+    def stop(self, stage: str, start: torch.cuda.Event) -> None:
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(self.stream)
+        self.pairs.setdefault(stage, []).append((start, end))
+
+    def seconds(self, *stages: str) -> tuple[float, ...]:
+        return tuple(sum(a.elapsed_time(b) for a, b in self.pairs.get(stage, [])) / 1e3 for stage in stages)
+
+
 class _DeviceBatch:
     """Fills batch slots with patches from many regions, encodes each when full, and
     scatters the embeddings into their device tiles; at most ``len(slots)`` batches are
@@ -634,6 +833,12 @@ class _DeviceBatch:
 
     def _patchify(self, region: torch.Tensor, cells: torch.Tensor, out: torch.Tensor, host_cells: np.ndarray,
                   variant: int) -> None:
+        start = self.run.stages.start()
+        self._launch_patchify(region, cells, out, host_cells, variant)
+        self.run.stages.stop("patchify", start)
+
+    def _launch_patchify(self, region: torch.Tensor, cells: torch.Tensor, out: torch.Tensor, host_cells: np.ndarray,
+                         variant: int) -> None:
         kernels.patchify(region, cells, out, scale=self.c.scale, offset=self.c.offset, downsample=self.run.job.downsample * self.c.pool_px,
                          dihedral=variant, host_cells=host_cells)
 
@@ -647,7 +852,9 @@ class _DeviceBatch:
         if self.filled == 0:
             return
         slot, filled = self.slot, self.filled
+        start = self.run.stages.start()
         embeddings = slot.encode(self.c.encoder, filled)
+        self.run.stages.stop("encode", start)
         self.run.bad_values += (~(embeddings.abs() <= FLOAT16_MAX)).sum()  # NaN compares False: counted
         self.encoded += filled
         host_cells = slot.host_cells.numpy()
