@@ -8,7 +8,7 @@
 #   tests    the `gpu` tests                                                  <= 180 s
 #   bench    benchmarks/compress_gpu.py: 4 slides of SIZE² px                  <= 240 s
 # Files in OUTDIR (at most 8, as the device tool brings back): summary.md, results.json,
-# results.md, env.txt, build.log, pytest_gpu.log, bench.log.
+# results.md, env.txt, wheels.log, build.log, pytest_gpu.log, bench.log.
 #
 # Usage:
 #   benchmarks/gpu_check.sh --prepare        # here, where pip works: fill .whl/ (<= 60 MiB, listed)
@@ -87,8 +87,11 @@ step() {
 } > "$OUT/env.txt" 2>&1
 line "- machine: $(grep -m1 "^torch" "$OUT/env.txt"), $(grep -m1 "^cores" "$OUT/env.txt")"
 
-if compgen -G "$WHEELS/*.whl" > /dev/null; then
-  step wheels 60 "$OUT/build.log" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+if compgen -G "$WHEELS/*.whl" > /dev/null && [[ "$DRY" == 1 ]]; then  # cp312 wheels: checked, not installed
+  step wheels 60 "$OUT/wheels.log" "$PY" -c "import sys, zipfile
+for w in sys.argv[1:]: assert zipfile.ZipFile(w).testzip() is None, w" "$WHEELS"/*.whl
+elif compgen -G "$WHEELS/*.whl" > /dev/null; then
+  step wheels 60 "$OUT/wheels.log" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/nic-fast-site "$WHEELS"/*.whl
   export PYTHONPATH=/tmp/nic-fast-site${PYTHONPATH:+:$PYTHONPATH}
 fi
