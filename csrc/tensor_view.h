@@ -37,6 +37,11 @@ inline const char* dtype_name(Dtype d) {
 // Memory order of a 4-d patch batch (N, C, H, W).
 enum class Layout { contiguous, channels_last };
 
+// Passed as `cuda_stream` for device arrays whose producer has ordered its writes on the
+// launch stream already (torch tensors on torch's current stream): the export asks for
+// DLPack's stream -1, no synchronisation, so torch creates and awaits no event per array.
+constexpr std::int64_t kOrderedOnStream = -2;
+
 class TensorView {
  public:
   TensorView(py::object obj, const char* name, std::int64_t cuda_stream = -1) : name_(name) {
@@ -45,9 +50,11 @@ class TensorView {
                            std::string(py::str(py::type::of(obj))));
     }
     // The consumer's stream matters only for device memory; host arrays (numpy) refuse one.
-    const bool on_device = cuda_stream >= 0 && py::hasattr(obj, "__dlpack_device__") &&
+    const bool on_device = (cuda_stream >= 0 || cuda_stream == kOrderedOnStream) &&
+                           py::hasattr(obj, "__dlpack_device__") &&
                            obj.attr("__dlpack_device__")().cast<py::tuple>()[0].cast<int>() == kDLCUDA;
-    py::object capsule = on_device ? obj.attr("__dlpack__")(py::arg("stream") = cuda_stream)
+    const std::int64_t export_stream = cuda_stream == kOrderedOnStream ? -1 : cuda_stream;
+    py::object capsule = on_device ? obj.attr("__dlpack__")(py::arg("stream") = export_stream)
                                    : obj.attr("__dlpack__")();
     auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
     if (managed == nullptr) throw py::error_already_set();

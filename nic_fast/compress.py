@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -64,6 +65,7 @@ log = logging.getLogger(__name__)
 MAX_THUMBNAIL_PX = 4096
 PRECISIONS = {name: getattr(torch, dtype) for name, dtype in PRECISION_DTYPES.items()}
 CPU_READER_THREADS = 2  # on the CPU the encoder needs the cores too
+PREFETCH_SLIDES = 2  # the slide about to be claimed and the one after it
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -86,6 +88,58 @@ class ReadPlanLevel:
 
 
 PIXEL_UNITS = ReadPlanLevel(level=0, downsample=1, level_mpp=None, working_mpp=None)
+
+
+def _file_identity(path: Path) -> tuple[int, int]:
+    """(size, mtime in ns): a prepared slide whose file changed since is prepared again."""
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+@dataclass
+class _Prepared:
+    """A slide opened, its level chosen and its tissue found: all of its setup that comes
+    before the store, none of it visible on disk."""
+
+    slide: Path
+    identity: tuple[int, int]
+    reader: SlideReader
+    choice: ReadPlanLevel
+    grid: GridGeometry
+    thumbnail: np.ndarray
+    thumb_downsample: float
+    tissue: TissueMap
+    thumbnail_s: float
+
+
+class _Prefetch:
+    """One slide prepared on a background thread; its error, if any, is raised by :meth:`take`
+    (when the slide is compressed), never in the thread."""
+
+    def __init__(self, prepare: Callable[[Path], _Prepared], slide: Path) -> None:
+        self.slide = slide
+        self._result: _Prepared | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(prepare,), name="nic-fast-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self, prepare: Callable[[Path], _Prepared]) -> None:
+        try:
+            self._result = prepare(self.slide)
+        except BaseException as exc:  # noqa: BLE001 - the slide's failure, reported when it is compressed
+            self._error = exc
+
+    def take(self) -> _Prepared:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def discard(self) -> None:
+        self._thread.join()
+        if self._result is not None:
+            self._result.reader.close()
 
 
 
@@ -149,6 +203,8 @@ class Compressor:
             offset=self.offset, background=self.background, workers=self.workers, tile_cells=options.tile_cells,
             decode=options.decode, cuda_graph=options.cuda_graph, batches_in_flight=options.batches_in_flight)
         self.engine: Engine = self._engine()
+        self._prefetched: dict[Path, _Prefetch] = {}  # the next slide(s), prepared while one streams
+        self.prefetches = self.device.type == "cuda" and not self.pixel_units  # see prefetch()
 
     @property
     def pixel_units(self) -> bool:
@@ -212,13 +268,46 @@ class Compressor:
         result.seconds = time.perf_counter() - t0
         return result
 
-    def _compress(self, slide: Path, final: Path, replace: bool, run_id: str, still_owned: Callable[[], bool],
-                  on_start: Callable[[Path, int], None] | None, progress: ProgressFn | None,
-                  t_start: float) -> SlideResult:
+    def prefetch(self, slide: Path) -> None:
+        """Prepare ``slide`` (open, level, thumbnail, tissue) on a background thread while the
+        current slide streams, so that its own setup is done by the time it is claimed.
+
+        Only where a GPU engine streams (on the CPU the encoder needs the cores). Preparing
+        creates nothing on disk: the claim, the store and everything visible still come
+        in :meth:`compress_slide`, which uses the prepared slide when the file is
+        unchanged and discards it otherwise. At most :data:`PREFETCH_SLIDES` are kept: one
+        that is never compressed (skipped, held elsewhere) is discarded when a later one
+        comes, or by :meth:`close`.
+        """
+        if not self.prefetches or slide in self._prefetched:
+            return
+        while len(self._prefetched) >= PREFETCH_SLIDES:
+            self._prefetched.pop(next(iter(self._prefetched))).discard()
+        self._prefetched[slide] = _Prefetch(self._prepare, slide)
+
+    def close(self) -> None:
+        """Discard the prepared slides nobody took (their readers are closed)."""
+        while self._prefetched:
+            self._prefetched.popitem()[1].discard()
+
+    def _take_prepared(self, slide: Path) -> _Prepared:
+        """The prefetched preparation of ``slide`` if there is one for the file as it is now,
+        else ``slide`` prepared here."""
+        prefetched = self._prefetched.pop(slide, None)
+        if prefetched is not None:
+            prepared = prefetched.take()
+            if prepared.identity == _file_identity(slide):
+                return prepared
+            prepared.reader.close()
+        return self._prepare(slide)
+
+    def _prepare(self, slide: Path) -> _Prepared:
+        """Everything before the store: open, pick the level, thumbnail, tissue."""
         if not slide.is_file():
             raise SlideError(f"{slide}: no such file" if not slide.exists() else f"{slide}: not a regular file")
-        timings = Timings()
-        with self._open(slide) as reader:
+        identity = _file_identity(slide)
+        reader = self._open(slide)
+        try:
             self._check_channels(reader)
             choice = self._read_level(reader, slide)
             level_h, level_w = reader.level_dims[choice.level]
@@ -230,7 +319,21 @@ class Compressor:
             tissue = self._tissue(slide, reader, thumbnail, unknown, grid, thumb_downsample,
                                   reader.level_downsamples[choice.level] / thumb_downsample)
             thumbnail = np.repeat(thumbnail, 3, axis=2) if thumbnail.shape[2] == 1 else thumbnail
-            timings.thumbnail_s = time.perf_counter() - t0
+            return _Prepared(slide, identity, reader, choice, grid, thumbnail, thumb_downsample, tissue,
+                             time.perf_counter() - t0)
+        except BaseException:
+            reader.close()
+            raise
+
+    def _compress(self, slide: Path, final: Path, replace: bool, run_id: str, still_owned: Callable[[], bool],
+                  on_start: Callable[[Path, int], None] | None, progress: ProgressFn | None,
+                  t_start: float) -> SlideResult:
+        prepared = self._take_prepared(slide)
+        timings = Timings()
+        with prepared.reader as reader:
+            choice, grid, tissue = prepared.choice, prepared.grid, prepared.tissue
+            thumbnail, thumb_downsample = prepared.thumbnail, prepared.thumb_downsample
+            timings.thumbnail_s = prepared.thumbnail_s
             n_cells = int(tissue.cells.sum())
             if n_cells == 0:
                 log.warning("%s: no tissue found; writing an empty store", slide)

@@ -50,6 +50,14 @@ def _current_stream(array: Any) -> int:
     return torch.cuda.current_stream(array.device).cuda_stream
 
 
+def _ordered(*arrays: Any) -> bool:
+    """True when every device array is a torch tensor: the kernels launch on torch's current
+    stream, where torch has ordered their writes, so the DLPack export needs no event."""
+    import torch
+
+    return all(isinstance(array, torch.Tensor) for array in arrays if _on_cuda(array))
+
+
 def _check_host_cells(cells: np.ndarray, limit_y: int, limit_x: int, span_px: int, what: str) -> None:
     if len(cells) == 0:
         return
@@ -84,7 +92,8 @@ def patchify(
         if host_cells is None:
             raise ValueError("patchify on CUDA needs host_cells to check bounds before launch")
         _check_host_cells(host_cells, region.shape[0], region.shape[1], patch_span, "patchify")
-        cuda_module().patchify(region, cells, out, downsample, dihedral, list(scale), list(offset), _current_stream(out))
+        cuda_module().patchify(region, cells, out, downsample, dihedral, list(scale), list(offset), _current_stream(out),
+                               _ordered(region, cells, out))
     else:
         _C.patchify(region, cells, out, downsample, dihedral, [float(s) for s in scale], [float(o) for o in offset])
     return out
@@ -101,7 +110,7 @@ def scatter(embeddings: Any, cells: Any, grid: Any, *, host_cells: np.ndarray | 
         if host_cells is None:
             raise ValueError("scatter on CUDA needs host_cells to check bounds before launch")
         _check_host_cells(host_cells, grid.shape[0], grid.shape[1], 1, "scatter")
-        cuda_module().scatter(embeddings, cells, grid, _current_stream(grid))
+        cuda_module().scatter(embeddings, cells, grid, _current_stream(grid), _ordered(embeddings, cells, grid))
     else:
         _C.scatter(embeddings, cells, grid)
     return grid

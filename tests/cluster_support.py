@@ -23,11 +23,11 @@ _delays = dict(item.split("=") for item in os.environ.get("NIC_FAST_TEST_SLOW", 
 
 
 def _slowed(read):
-    def slowed(self, level, y, x, height, width):
+    def slowed(self, level, y, x, height, width, **kwargs):
         delay = _delays.get(self.path.name, _delays.get("*"))
         if delay and height >= 128:  # tile reads, not the thumbnail
             time.sleep(float(delay))
-        return read(self, level, y, x, height, width)
+        return read(self, level, y, x, height, width, **kwargs)
     return slowed
 
 

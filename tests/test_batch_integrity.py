@@ -79,12 +79,12 @@ _original = base.SlideReader.read_region_checked
 _reads = [0]
 
 
-def read_region_checked(self, level, y, x, height, width):  # the engine's tile reads
+def read_region_checked(self, level, y, x, height, width, **kwargs):  # the engine's tile reads
     if self.path.name == os.environ["NIC_FAST_TEST_SEGFAULT"]:
         _reads[0] += 1
         if _reads[0] == 2:  # mid-slide: after the thumbnail, at the first tile region (the store is started)
             os.kill(os.getpid(), signal.SIGSEGV)
-    return _original(self, level, y, x, height, width)
+    return _original(self, level, y, x, height, width, **kwargs)
 
 
 base.SlideReader.read_region_checked = read_region_checked

@@ -239,3 +239,37 @@ def test_cuda_options_without_cuda_fail_with_the_fix(tmp_path):
         Compressor(CompressOptions(precision="fp16"))
     with pytest.raises(ValueError, match="--decode gpu needs --device cuda"):
         Compressor(CompressOptions(decode="gpu"))
+
+
+def test_a_slide_prepared_ahead_is_used_once_claimed_and_shows_nothing_before(tmp_path, conv_encoder, monkeypatch):
+    """The next slide's setup (open, level, thumbnail, tissue) runs while the current one
+    streams, creating nothing on disk; compressing it then uses that setup, unless its
+    file changed since; one never compressed is discarded with its reader closed."""
+    slides = [write_tiff(tmp_path / f"s{k}.tif", tissue_image(384, 512, seed=k)) for k in range(3)]
+    out = tmp_path / "out"
+    out.mkdir()
+    compressor = Compressor(CompressOptions(encoder=str(conv_encoder), tile_cells=2))
+    compressor.prefetches = True  # as on a GPU engine
+    prepared: list[str] = []
+    real_prepare = compressor._prepare
+    monkeypatch.setattr(compressor, "_prepare", lambda slide: prepared.append(slide.name) or real_prepare(slide))
+    compressor.prefetch(slides[1])
+    compressor.prefetch(slides[2])
+    for prefetch in compressor._prefetched.values():
+        prefetch.take()  # both prepared
+    assert sorted(prepared) == ["s1.tif", "s2.tif"] and list(out.iterdir()) == []
+    first = compressor.compress_slide(slides[1], out / "s1.zarr")
+    assert first.status == "ok" and len(prepared) == 2  # s1 was not prepared again
+    slides[2].touch()  # changed since it was prepared: prepared again
+    second = compressor.compress_slide(slides[2], out / "s2.zarr")
+    assert second.status == "ok" and prepared.count("s2.tif") == 2
+    reference = compress([slides[1]], tmp_path / "plain", encoder=str(conv_encoder), tile_cells=2)[0]
+    np.testing.assert_array_equal(open_store(out / "s1.zarr").embeddings[...],
+                                  open_store(Path(reference.store)).embeddings[...])
+    compressor.prefetch(slides[0])
+    (pending,) = compressor._prefetched.values()
+    reader = pending.take().reader
+    closed: list[bool] = []
+    monkeypatch.setattr(reader, "close", lambda: closed.append(True))
+    compressor.close()
+    assert closed == [True] and compressor._prefetched == {}

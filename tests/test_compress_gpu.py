@@ -1,7 +1,7 @@
 """The GPU engine: its host-side buffer logic (on any machine), and, on a CUDA device,
 `compress --device cuda` against the CPU engine on the same slides (augmentation, half
-precision and its recorded error, CUDA graphs on and off, GPU decode, failed regions,
-resume)."""
+precision and its recorded error, CUDA graphs on and off, GPU decode and its choice per
+level, failed regions, resume). The decoders' logic without a GPU: test_gpu_decoders.py."""
 from __future__ import annotations
 
 import threading
@@ -131,20 +131,33 @@ def test_graph_replay_and_eager_give_the_same_store(tmp_path, conv_encoder, grap
 
 @on_gpu
 def test_gpu_decode_and_cpu_decode_agree(tmp_path, conv_encoder):
-    """A JPEG slide decoded by cuCIM on the GPU (nvJPEG) and on the CPU (libjpeg-turbo):
-    the decoders may differ by a grey level, so the embeddings agree loosely."""
-    pytest.importorskip("cucim")
+    """A JPEG slide decoded on the GPU (nvImageCodec, or cuCIM's nvJPEG) and on the CPU
+    (libjpeg-turbo): the decoders may differ by a grey level, so the embeddings agree
+    loosely; no region of this clean slide falls back to the CPU."""
     slide = write_tiff(tmp_path / "j.tif", tissue_image(4 * PATCH_PX, 5 * PATCH_PX, seed=3), compression="jpeg")
     options = dict(encoder=str(conv_encoder), device="cuda", tile_cells=2, batch_size=8)
     cpu, cpu_attrs = compress(slide, tmp_path / "cpu", decode="cpu", **options)
-    try:
-        gpu, gpu_attrs = compress(slide, tmp_path / "gpu", decode="gpu", **options)
-    except AssertionError as exc:
-        pytest.skip(f"cuCIM cannot decode on this GPU: {exc}")
+    gpu, gpu_attrs = compress(slide, tmp_path / "gpu", decode="gpu", **options)
+    if gpu_attrs["decode"]["device"] == "cpu":
+        pytest.skip(f"no GPU decoder here: {gpu_attrs['decode']['reason']}")
     assert cpu_attrs["decode"]["device"] == "cpu" and gpu_attrs["decode"]["device"] == "gpu"
+    assert gpu_attrs["decode"]["regions_on_cpu_instead"] == {}, gpu_attrs["decode"]
     np.testing.assert_allclose(gpu, cpu, atol=5e-2, rtol=0)
-    _, auto_attrs = compress(slide, tmp_path / "auto", decode="auto", **options)
-    assert auto_attrs["decode"]["reason"] in ("measured",) or "unavailable" in auto_attrs["decode"]["reason"]
+    auto, auto_attrs = compress(slide, tmp_path / "auto", decode="auto", **options)
+    decode = auto_attrs["decode"]
+    assert decode["device"] == "cpu+gpu" and decode["reason"] == "measured", decode
+    tissue = open_store(tmp_path / "auto" / "j.zarr").tissue[...]
+    regions = sum(tissue[i : i + 2, j : j + 2].any() for i in range(0, 4, 2) for j in range(0, 5, 2))
+    assert sum(decode["regions"].values()) == regions, decode  # one region per tile with tissue
+    np.testing.assert_allclose(auto, cpu, atol=5e-2, rtol=0)
+
+
+@on_gpu
+def test_a_deflate_slide_never_reaches_a_gpu_decoder(tmp_path, conv_encoder):
+    slide = write_tiff(tmp_path / "z.tif", tissue_image(4 * PATCH_PX, 4 * PATCH_PX, seed=6))
+    for mode in ("auto", "gpu"):
+        _, attrs = compress(slide, tmp_path / mode, encoder=str(conv_encoder), device="cuda", decode=mode, tile_cells=2)
+        assert attrs["decode"]["device"] == "cpu" and "not JPEG" in attrs["decode"]["reason"], attrs["decode"]
 
 
 @on_gpu

@@ -151,31 +151,38 @@ def _in_process(options: CompressOptions, items: Sequence[SlideInput], settings:
     started = time.perf_counter()
     results: dict[int, SlideResult] = {}
     queue = deque(largest_first([item.path for item in items]))
-    while queue or held:
-        if held:
-            if not queue:
-                time.sleep(held.wait_s())
-            ready, given_up = held.due()
-            queue.extendleft(ready)
-            for index, result in given_up:
-                record_result(settings, items[index], result)
-                results[index] = result
-                finished(result)
-                emit(SchedulerEvent("done", "", settings.run.pid, items[index].path, 1, result=result))
-            if not queue:
+    try:
+        while queue or held:
+            if held:
+                if not queue:
+                    time.sleep(held.wait_s())
+                ready, given_up = held.due()
+                queue.extendleft(ready)
+                for index, result in given_up:
+                    record_result(settings, items[index], result)
+                    results[index] = result
+                    finished(result)
+                    emit(SchedulerEvent("done", "", settings.run.pid, items[index].path, 1, result=result))
+                if not queue:
+                    continue
+            index = queue.popleft()
+            item = items[index]
+            if queue:  # a GPU engine prepares the next slide while this one streams
+                compressor.prefetch(items[queue[0]].path)
+            emit(SchedulerEvent("assigned", device, settings.run.pid, item.path, 1))
+            result = process_slide(
+                compressor, item, settings,
+                on_start=lambda slide, n: emit(SchedulerEvent("planned", device, settings.run.pid, slide, 1,
+                                                              patches=n)),
+                progress=lambda n, p=item.path: emit(SchedulerEvent("progress", device, settings.run.pid, p, 1,
+                                                                    patches=n)))
+            if held is not None and result.held_by:  # another process has it: look again later
+                held.add(index, result)
                 continue
-        index = queue.popleft()
-        item = items[index]
-        emit(SchedulerEvent("assigned", device, settings.run.pid, item.path, 1))
-        result = process_slide(
-            compressor, item, settings,
-            on_start=lambda slide, n: emit(SchedulerEvent("planned", device, settings.run.pid, slide, 1, patches=n)),
-            progress=lambda n, p=item.path: emit(SchedulerEvent("progress", device, settings.run.pid, p, 1, patches=n)))
-        if held is not None and result.held_by:  # another process has it: look again later
-            held.add(index, result)
-            continue
-        results[index] = result
-        summary.add(result, time.perf_counter() - started)
-        finished(result)
-        emit(SchedulerEvent("done", device, settings.run.pid, item.path, 1, result=result))
+            results[index] = result
+            summary.add(result, time.perf_counter() - started)
+            finished(result)
+            emit(SchedulerEvent("done", device, settings.run.pid, item.path, 1, result=result))
+    finally:
+        compressor.close()  # a slide prepared ahead and never compressed
     return [results[i] for i in range(len(items))], [summary]

@@ -2,20 +2,30 @@
 
 ::
 
-    reader threads   cuCIM decodes regions on every core → a ring of pinned host buffers
-                     (or cuCIM's GPU decode writes them to device memory directly)
-    copy stream      region + cell offsets → one of two device region buffers
+    reader threads   the CPU reader (cuCIM, tifffile, OpenSlide) decodes regions straight
+                     into a ring of pinned host buffers, one thread per core; and/or
+                     nvImageCodec decodes the regions' JPEG tiles in batches on the GPU's
+                     JPEG engines into device memory (cuCIM's GPU decode without it)
+    copy stream      host-staged region + cell offsets → one of two device region buffers
     compute stream   patchify kernel → encoder batch (fp16/bf16, channels-last)
                      → encoder (CUDA-graph replay) → scatter kernel → device tiles
     copy stream      finished tiles → pinned host tiles
     writer thread    one Zarr chunk per tile
 
+The decoder is chosen per slide from its level (:meth:`CudaEngine._decoder`): GPU
+decoders take JPEG tiles only; with ``--decode auto`` both sides run at once, each
+region going where :class:`~nic_fast.engine.decode_split.DecodeSplit` expects it done
+first; a region the GPU must not or cannot decode (a corrupt tile, a codec error) is
+decoded on the CPU instead. Staging, device regions and tiles are the engine's, made
+once for every slide it streams.
+
 The host thread only queues work. It waits in three places, each timed into the
 store's attributes so that a run says which stage bound it: for a decoded region
 (``read_wait_s``: decode-bound), for the GPU when ``batches_in_flight`` batches are
 already queued (``batch_wait_s``: encoder-bound), and for a free device tile
-(``tile_wait_s``: write-bound). Buffers go back to their pools from other threads once
-the GPU work reading them has finished, so no wait depends on the host thread itself.
+(``tile_wait_s``: write-bound); ``patchify_s`` and ``encode_s`` are the kernels' device
+time, from events. Buffers go back to their pools from other threads once the GPU work
+reading them has finished, so no wait depends on the host thread itself.
 """
 from __future__ import annotations
 
@@ -362,15 +372,21 @@ class TileDeviceReads:
     name = "nvimagecodec"
 
     def __init__(self, tiles: TiffTiles, level: JpegLevel, device: torch.device) -> None:
-        from nic_fast.engine.tile_decode import NvImageCodec, TileRegionReader
-
-        self.tiles, self.device = tiles, device
-        self.reader = TileRegionReader(level, NvImageCodec(device.index))
+        self.tiles, self.level, self.device = tiles, level, device
         self.streams = _ThreadStreams(device)
+        self._local = threading.local()
+
+    def _reader(self) -> Any:
+        """This thread's reader: nvImageCodec decoders are not shared between threads."""
+        if not hasattr(self._local, "reader"):
+            from nic_fast.engine.tile_decode import NvImageCodec, TileRegionReader
+
+            self._local.reader = TileRegionReader(self.level, NvImageCodec(self.device.index))
+        return self._local.reader
 
     def read(self, plan: RegionPlan, absent: list[tuple[int, int, int, int]]) -> DeviceRead:
         with torch.cuda.stream(self.streams.get()):
-            pixels, images = self.reader.read_device(plan.y0, plan.x0, plan.height, plan.width, self.device)
+            pixels, images = self._reader().read_device(plan.y0, plan.x0, plan.height, plan.width, self.device)
         return pixels, images, self.streams.ready()
 
     def close(self) -> None:
