@@ -409,6 +409,7 @@ class GpuDecoder:
         self.threads = GPU_DECODE_THREADS
         self.lookahead = min(2 * GPU_DECODE_THREADS, fallback.ring.count)  # a fallback needs a staging slot
         self.on_cpu: dict[str, int] = {}  # regions the CPU decoded instead, by reason
+        self._lock = threading.Lock()  # the decode threads count into on_cpu
 
     def __call__(self, plan: RegionPlan) -> _Staged:
         check = self.fallback.handles.get().check_region(self.level, plan.y0, plan.x0, plan.height, plan.width)
@@ -417,14 +418,15 @@ class GpuDecoder:
         try:
             pixels, owner, ready = self.reads.read(plan, check.absent)
         except Exception as exc:  # noqa: BLE001 - the CPU decoder reads this region instead
-            if not self.on_cpu.get("gpu decode failed"):
+            if "gpu decode failed" not in self.on_cpu:  # once per slide: the count is in the store
                 log.warning("%s: GPU decode failed at (y=%d, x=%d), decoding on the CPU instead (%s: %s)",
                             self.fallback.handles.reader.path, plan.y0, plan.x0, type(exc).__name__, exc)
             return self._on_cpu(plan, "gpu decode failed")
         return _Staged(plan, device_pixels=pixels, owner=owner, ready=ready, cells_read=plan.n_cells)
 
     def _on_cpu(self, plan: RegionPlan, reason: str) -> _Staged:
-        self.on_cpu[reason] = self.on_cpu.get(reason, 0) + 1
+        with self._lock:
+            self.on_cpu[reason] = self.on_cpu.get(reason, 0) + 1
         return self.fallback(plan)
 
     def report(self) -> dict[str, Any]:
@@ -694,13 +696,13 @@ class _SlideRun:
         try:
             self.e.compute.synchronize()
             self.e.download.synchronize()
+            self.timings.patchify_s, self.timings.encode_s = self.stages.seconds("patchify", "encode")
         finally:
             try:
                 self.writer.close()
             finally:
                 self.releaser.close()
                 self.timings.extra.update(self.wait)
-                self.timings.patchify_s, self.timings.encode_s = self.stages.seconds("patchify", "encode")
 
     def _consume(self, future: Future[_Staged]) -> None:
         t0 = time.perf_counter()
