@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 MAX_THUMBNAIL_PX = 4096
 PRECISIONS = {name: getattr(torch, dtype) for name, dtype in PRECISION_DTYPES.items()}
 CPU_READER_THREADS = 2  # on the CPU the encoder needs the cores too
+SMALL_ENCODER_PARAMETERS = 20_000_000  # below this and SMALL_ENCODER_PX, --batch-size auto takes the CPU cap
+SMALL_ENCODER_PX = 192
 PREFETCH_SLIDES = 2  # the slide about to be claimed and the one after it
 
 
@@ -223,11 +225,22 @@ class Compressor:
         device's free memory (measured on the encoder as it will run), capped per device."""
         if self.options.batch_size != "auto":
             return int(self.options.batch_size)
+        cap = AUTO_BATCH_CAP[self.device.type]
+        if self.device.type == "cpu" and self._small_encoder():
+            return cap  # its full batch needs well under a GiB; the trial would cost seconds per worker
         from nic_fast.encoders.memory import suggest_batch_size  # only where auto asks for it
 
         spec = replace(self.encoder.spec, input_px=self.fast.input_px)
         probe = Encoder(spec, self.fast.module, self.encoder.source).to(self.device, self.fast.dtype)
-        return suggest_batch_size(probe, max_batch=AUTO_BATCH_CAP[self.device.type])
+        return suggest_batch_size(probe, max_batch=cap)
+
+    def _small_encoder(self) -> bool:
+        """A CNN like the paper's (under 20 M parameters, patches under 192 px): ~1 MiB of
+        activations per patch, so the CPU cap fits any machine. Measuring it would import
+        torch's dispatch machinery (~3.5 s) in every worker for nothing."""
+        module = self.fast.module
+        parameters = sum(p.numel() for p in module.parameters()) if isinstance(module, torch.nn.Module) else 0
+        return parameters < SMALL_ENCODER_PARAMETERS and self.fast.input_px < SMALL_ENCODER_PX
 
     def _background_embedding(self) -> np.ndarray:
         """What cells without tissue hold: the embedding of a white patch, or zeros."""

@@ -74,11 +74,13 @@ def test_compress_batch_size_auto_is_what_fits_memory_capped(tmp_path, monkeypat
     from nic_fast.encoders import save_encoder
     from nic_fast.job import AUTO_BATCH_CAP, CompressOptions
 
-    spec = EncoderSpec("widen", 64, None, 3, (0.0,) * 3, (1.0,) * 3, 3 * 16, "")
+    spec = EncoderSpec("widen", 224, None, 3, (0.0,) * 3, (1.0,) * 3, 3 * 16, "")  # 224 px: measured
     path = save_encoder(Widen(16), spec, tmp_path / "widen.pt")
     assert Compressor(CompressOptions(encoder=str(path), mpp=None)).batch_size == AUTO_BATCH_CAP["cpu"]
-    per_patch = 3 * 16 * 64 * 64 * FLOAT * 2  # the widened tensor and its doubled copy
+    per_patch = 3 * 16 * 224 * 224 * FLOAT * 2  # the widened tensor and its doubled copy
     monkeypatch.setattr("nic_fast.encoders.memory.available_memory_bytes", lambda device: 40 * per_patch)
     small = Compressor(CompressOptions(encoder=str(path), mpp=None)).batch_size
     assert 8 <= small <= 40 and small % 8 == 0
     assert Compressor(CompressOptions(encoder=str(path), mpp=None, batch_size=5)).batch_size == 5
+    monkeypatch.setattr("nic_fast.encoders.memory.suggest_batch_size", lambda *a, **k: pytest.fail("measured"))
+    assert Compressor(CompressOptions(encoder="mean-rgb")).batch_size == AUTO_BATCH_CAP["cpu"]  # small: no trial

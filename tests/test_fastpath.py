@@ -329,7 +329,7 @@ def test_compile_rule_counts_the_slides_still_to_come(tmp_path, monkeypatch):
     """A 2,000-patch slide cannot repay a compile; 1,000 such slides in the run can."""
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or module)
-    monkeypatch.setattr(fastpath, "_timed", lambda module, x, give_up_s=None: (module(x).float(), 1000.0))
+    monkeypatch.setattr(fastpath, "_timed", lambda module, x, give_up_s=None: (module(x).detach().float(), 1000.0))
     one = FastEncoder(_small_encoder(tmp_path), torch.device("cpu"), torch.float32, precision="fp32")
     one.begin_slide(2000)
     one(torch.rand(64, 3, 8, 8))
@@ -413,3 +413,21 @@ def test_compress_with_the_fast_path_matches_the_file_as_it_is_and_says_so(tmp_p
     assert _fast_path(plain_attrs) == "float32, eager"
     info = CliRunner().invoke(main, ["info", str(tmp_path / "fast" / "s.zarr")])
     assert info.exit_code == 0 and "encoder ran as" in info.output
+
+
+def test_a_rewritten_encoder_is_kept_for_the_next_process_and_vetted_again(tmp_path):
+    from nic_fast.engine.fastpath import RewriteCache
+
+    encoder_path = _save(tmp_path, paper_like(), ".pt", input_px=16)
+    cache = RewriteCache(tmp_path / "rewritten")
+    first = cache.rewrite(load_encoder(encoder_path))
+    (kept_file,) = (tmp_path / "rewritten").glob("*.pt")
+    second = cache.rewrite(load_encoder(encoder_path))
+    assert not first.rewrites.kept and second.rewrites.kept and isinstance(second.module, torch.jit.ScriptModule)
+    assert (second.rewrites.pool_px, second.rewrites.batchnorms_folded, second.input_px) == (2, 2, 8)
+    x = torch.rand(7, 3, 8, 8)
+    with torch.inference_mode():
+        assert _relative(second.module(x), first.module(x)) <= 1e-6
+    kept_file.write_bytes(b"not a TorchScript file")  # damaged: rewritten afresh, never trusted
+    third = cache.rewrite(load_encoder(encoder_path))
+    assert not third.rewrites.kept and third.rewrites.batchnorms_folded == 2

@@ -37,7 +37,7 @@ from torch import fx, nn
 
 from nic_fast.encoders.spec import Encoder
 
-__all__ = ["MAX_RELATIVE_ERROR", "Rewrites", "Rewritten", "rewrite_encoder", "script_to_graph"]
+__all__ = ["MAX_RELATIVE_ERROR", "Rewrites", "Rewritten", "rewrite_encoder", "rewrite_error", "script_to_graph"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class Rewrites:
     batchnorms_left: int = 0  # inference BatchNorms no rule could fold (padding, branching)
     note: str = ""  # why nothing (or less) was rewritten
     relative_error: float | None = None  # rewritten vs original on the check batch
+    kept: bool = False  # loaded from the rewrite cache (checked again against the original)
 
     def as_attrs(self) -> dict[str, Any]:
         return {key: value for key, value in asdict(self).items() if value not in ("", None)}
@@ -377,7 +378,15 @@ def _value(graph: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     return getattr(owner, attr).detach()
 
 
-def _relative_error(original: Callable[[torch.Tensor], torch.Tensor], rewritten: fx.GraphModule,
+def rewrite_error(encoder: Encoder, module: Callable[[torch.Tensor], torch.Tensor], pool_px: int) -> float:
+    """Relative L2 error of ``module`` (taking ``pool_px``-pooled patches) against the encoder as
+    loaded, on a fresh random batch: how a rewritten module from anywhere (a cache) is vetted."""
+    spec = encoder.spec
+    example = torch.rand(_CHECK_BATCH + 1, spec.channels, spec.input_px, spec.input_px) * 2 - 1
+    return _relative_error(encoder.module, module, example, pool_px)
+
+
+def _relative_error(original: Callable[[torch.Tensor], torch.Tensor], rewritten: Callable[[torch.Tensor], torch.Tensor],
                     example: torch.Tensor, pool_px: int) -> float:
     with torch.inference_mode():
         expected = original(example).double()

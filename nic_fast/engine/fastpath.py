@@ -22,6 +22,7 @@ Three steps, each recorded in every store's ``fast_path`` attribute:
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,15 @@ import torch
 
 from nic_fast.devices import cpu_model
 from nic_fast.encoders import Encoder
-from nic_fast.encoders.rewrite import Rewrites, rewrite_encoder, script_to_graph
+from nic_fast import __version__
+from nic_fast.encoders.rewrite import (
+    MAX_RELATIVE_ERROR,
+    Rewrites,
+    Rewritten,
+    rewrite_encoder,
+    rewrite_error,
+    script_to_graph,
+)
 from nic_fast.job import COMPILE_MODES
 
 __all__ = ["BF16_MAX_RELATIVE_ERROR", "BF16_MIN_SPEEDUP", "COMPILE_MODES", "FastEncoder", "cache_dir",
@@ -118,6 +127,75 @@ class CompileLedger:
         return entries if isinstance(entries, dict) else {}
 
 
+# -- rewritten graphs, kept across processes -------------------------------------------------
+
+
+class RewriteCache:
+    """Rewritten encoders as TorchScript files, by encoder file and torch version.
+
+    Capturing a TorchScript encoder's graph takes torch's converter (and dynamo): about 5 s
+    per worker start on two cores, every time. The rewritten module is traced once and kept;
+    a kept one is used only after it reproduces the encoder as loaded on a fresh batch.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def rewrite(self, encoder: Encoder) -> Rewritten:
+        path = self._path(encoder)
+        kept = self._load(encoder, path) if path else None
+        if kept is not None:
+            return kept
+        rewritten = rewrite_encoder(encoder)
+        if path and rewritten.module is not encoder.module:
+            self._keep(rewritten, encoder, path)
+        return rewritten
+
+    def _path(self, encoder: Encoder) -> Path | None:
+        """One file per encoder file version (path, size, mtime, weights) and torch version."""
+        source = Path(encoder.source)
+        try:
+            stat = source.stat()
+        except OSError:
+            return None  # a built-in: cheap to capture, nothing on disk to key by
+        key = "|".join([str(source.resolve()), str(stat.st_size), str(stat.st_mtime_ns), encoder.spec.sha256,
+                        torch.__version__, __version__])
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
+
+    def _load(self, encoder: Encoder, path: Path) -> Rewritten | None:
+        if not path.is_file():
+            return None
+        extra = {"rewrites.json": ""}
+        try:
+            with warnings.catch_warnings():  # torch.jit's deprecation notice: users cannot act on it
+                warnings.simplefilter("ignore", DeprecationWarning)
+                module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra).eval()
+            info = json.loads(extra["rewrites.json"])
+            rewrites = replace(Rewrites(**info["rewrites"]), kept=True)
+            error = rewrite_error(encoder, module, rewrites.pool_px)
+        except Exception as exc:  # noqa: BLE001 - a damaged or foreign cache file: rewrite afresh
+            log.debug("rewrite cache %s unusable: %s", path, exc)
+            return None
+        if not error <= MAX_RELATIVE_ERROR:
+            return None
+        return Rewritten(module, int(info["input_px"]), rewrites)
+
+    def _keep(self, rewritten: Rewritten, encoder: Encoder, path: Path) -> None:
+        spec = encoder.spec
+        example = torch.zeros(2, spec.channels, rewritten.input_px, rewritten.input_px)
+        info = json.dumps({"rewrites": asdict(rewritten.rewrites), "input_px": rewritten.input_px})
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # the tracer's notes on constants: checked on every load
+                traced = torch.jit.trace(rewritten.module, example, check_trace=False)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                torch.jit.save(traced, str(tmp), _extra_files={"rewrites.json": info})
+            tmp.replace(path)
+        except Exception as exc:  # noqa: BLE001 - not kept: the next process rewrites again, no harm
+            log.debug("rewritten encoder not kept in %s: %s", path, exc)
+
+
 # -- the encoder -----------------------------------------------------------------------------
 
 
@@ -144,7 +222,7 @@ class FastEncoder:
         self.source = encoder.source
         self.device = device
         if fast_path:
-            rewritten = rewrite_encoder(encoder)
+            rewritten = RewriteCache(cache_dir() / "rewritten").rewrite(encoder)
             self.rewrites, self.input_px, module = rewritten.rewrites, rewritten.input_px, rewritten.module
         else:
             self.rewrites, self.input_px, module = Rewrites("off", note="--no-fast-path"), self.spec.input_px, encoder.module
