@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -114,35 +114,12 @@ class _Prepared:
     thumbnail_s: float
 
 
-class _Prefetch:
-    """One slide prepared on a background thread; its error, if any, is raised by :meth:`take`
-    (when the slide is compressed), never in the thread."""
-
-    def __init__(self, prepare: Callable[[Path], _Prepared], slide: Path) -> None:
-        self.slide = slide
-        self._result: _Prepared | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(prepare,), name="nic-fast-prefetch", daemon=True)
-        self._thread.start()
-
-    def _run(self, prepare: Callable[[Path], _Prepared]) -> None:
-        try:
-            self._result = prepare(self.slide)
-        except BaseException as exc:  # noqa: BLE001 - the slide's failure, reported when it is compressed
-            self._error = exc
-
-    def take(self) -> _Prepared:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._result is not None
-        return self._result
-
-    def discard(self) -> None:
-        self._thread.join()
-        if self._result is not None:
-            self._result.reader.close()
-
+def _discard(prepared: Future[_Prepared]) -> None:
+    """Close a prepared slide nobody took (one that failed to prepare has nothing open)."""
+    try:
+        prepared.result().reader.close()
+    except Exception:  # noqa: BLE001 - its failure belongs to a compression that never came
+        pass
 
 
 # -- the compressor --------------------------------------------------------------------------
@@ -205,7 +182,8 @@ class Compressor:
             offset=self.offset, background=self.background, workers=self.workers, tile_cells=options.tile_cells,
             decode=options.decode, cuda_graph=options.cuda_graph, batches_in_flight=options.batches_in_flight)
         self.engine: Engine = self._engine()
-        self._prefetched: dict[Path, _Prefetch] = {}  # the next slide(s), prepared while one streams
+        self._prefetched: dict[Path, Future[_Prepared]] = {}  # the next slide(s), prepared while one streams
+        self._preparer: ThreadPoolExecutor | None = None  # made on the first prefetch
         self.prefetches = self.device.type == "cuda" and not self.pixel_units  # see prefetch()
 
     @property
@@ -295,20 +273,25 @@ class Compressor:
         if not self.prefetches or slide in self._prefetched:
             return
         while len(self._prefetched) >= PREFETCH_SLIDES:
-            self._prefetched.pop(next(iter(self._prefetched))).discard()
-        self._prefetched[slide] = _Prefetch(self._prepare, slide)
+            _discard(self._prefetched.pop(next(iter(self._prefetched))))
+        if self._preparer is None:
+            self._preparer = ThreadPoolExecutor(1, thread_name_prefix="nic-fast-prefetch")
+        self._prefetched[slide] = self._preparer.submit(self._prepare, slide)
 
     def close(self) -> None:
         """Discard the prepared slides nobody took (their readers are closed)."""
         while self._prefetched:
-            self._prefetched.popitem()[1].discard()
+            _discard(self._prefetched.popitem()[1])
+        if self._preparer is not None:
+            self._preparer.shutdown(wait=True)
+            self._preparer = None
 
     def _take_prepared(self, slide: Path) -> _Prepared:
         """The prefetched preparation of ``slide`` if there is one for the file as it is now,
         else ``slide`` prepared here."""
         prefetched = self._prefetched.pop(slide, None)
         if prefetched is not None:
-            prepared = prefetched.take()
+            prepared = prefetched.result()  # the slide's own failure is raised here, as if prepared now
             if prepared.identity == _file_identity(slide):
                 return prepared
             prepared.reader.close()

@@ -256,7 +256,7 @@ def test_a_slide_prepared_ahead_is_used_once_claimed_and_shows_nothing_before(tm
     compressor.prefetch(slides[1])
     compressor.prefetch(slides[2])
     for prefetch in compressor._prefetched.values():
-        prefetch.take()  # both prepared
+        prefetch.result()  # both prepared
     assert sorted(prepared) == ["s1.tif", "s2.tif"] and list(out.iterdir()) == []
     first = compressor.compress_slide(slides[1], out / "s1.zarr")
     assert first.status == "ok" and len(prepared) == 2  # s1 was not prepared again
@@ -268,7 +268,7 @@ def test_a_slide_prepared_ahead_is_used_once_claimed_and_shows_nothing_before(tm
                                   open_store(Path(reference.store)).embeddings[...])
     compressor.prefetch(slides[0])
     (pending,) = compressor._prefetched.values()
-    reader = pending.take().reader
+    reader = pending.result().reader
     closed: list[bool] = []
     monkeypatch.setattr(reader, "close", lambda: closed.append(True))
     compressor.close()

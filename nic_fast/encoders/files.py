@@ -29,7 +29,7 @@ _HOW_TO_MAKE = (
 
 
 @contextlib.contextmanager
-def _quiet_torch_deprecations() -> Iterator[None]:
+def quiet_torch_deprecations() -> Iterator[None]:
     """Hide torch's own deprecation notices (torch.jit is deprecated upstream): users cannot act on them."""
     with warnings.catch_warnings():
         for category in (DeprecationWarning, FutureWarning):
@@ -64,7 +64,7 @@ def write_encoder(module: nn.Module, spec: EncoderSpec, path: str | os.PathLike[
     _check_output(module, spec, example)
     metadata = json.dumps(spec.to_json(), indent=2)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _quiet_torch_deprecations():
+    with quiet_torch_deprecations():
         if path.suffix == ".pt":
             torch.jit.save(_to_torchscript(module, example), str(path), _extra_files={METADATA_NAME: metadata})
         else:
@@ -139,7 +139,7 @@ def _to_torchscript(module: nn.Module, example: torch.Tensor) -> torch.jit.Scrip
 def _load_pt(path: Path) -> tuple[nn.Module, str]:
     extra_files = {METADATA_NAME: ""}
     try:
-        with _quiet_torch_deprecations():
+        with quiet_torch_deprecations():
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra_files)
     except RuntimeError as exc:
         raise EncoderError(f"{path} is not a TorchScript file ({_first_line(exc)}); {_HOW_TO_MAKE}") from exc
@@ -149,7 +149,7 @@ def _load_pt(path: Path) -> tuple[nn.Module, str]:
 def _load_pt2(path: Path) -> tuple[nn.Module, str]:
     extra_files = {METADATA_NAME: ""}
     try:
-        with _quiet_torch_deprecations():
+        with quiet_torch_deprecations():
             program = torch.export.load(path, extra_files=extra_files)
     except Exception as exc:  # noqa: BLE001 - torch.export raises several types for foreign files
         raise EncoderError(f"{path} is not a torch.export file ({_first_line(exc)}); {_HOW_TO_MAKE}") from exc

@@ -38,6 +38,7 @@ import torch
 
 from nic_fast.devices import cpu_model
 from nic_fast.encoders import Encoder
+from nic_fast.encoders.files import quiet_torch_deprecations
 from nic_fast import __version__
 from nic_fast.encoders.rewrite import (
     MAX_RELATIVE_ERROR,
@@ -167,8 +168,7 @@ class RewriteCache:
             return None
         extra = {"rewrites.json": ""}
         try:
-            with warnings.catch_warnings():  # torch.jit's deprecation notice: users cannot act on it
-                warnings.simplefilter("ignore", DeprecationWarning)
+            with quiet_torch_deprecations():
                 module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra).eval()
             info = json.loads(extra["rewrites.json"])
             rewrites = replace(Rewrites(**info["rewrites"]), kept=True)
@@ -229,10 +229,9 @@ class FastEncoder:
         trial = precision == "auto" and device.type == "cpu" and fast_path
         self.precision = _Precision(torch.float32 if trial else dtype, decided=not trial,
                                     attrs={} if trial else {"chosen_by": f"--precision {precision}"})
-        on_host_fp32 = device.type == "cpu" and self.precision.dtype == torch.float32
-        # the fp32 host module the trial's bf16 copy and a GPU's reference are made from
-        needs_reference = self.precision.dtype != torch.float32
-        self._fp32: Any = module if on_host_fp32 or trial else copy.deepcopy(module) if needs_reference else None
+        # the fp32 host module the trial's bf16 copy (a CPU run) or a half-precision run's reference is made from
+        self._fp32: Any = (module if device.type == "cpu" and self.precision.dtype == torch.float32
+                           else copy.deepcopy(module) if self.precision.dtype != torch.float32 else None)
         self.module = _to(module, device, self.precision.dtype)
         self.eager = self.module
         self.compile_mode = compile if fast_path else "off"
