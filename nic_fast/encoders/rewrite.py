@@ -37,7 +37,8 @@ from torch import fx, nn
 
 from nic_fast.encoders.spec import Encoder
 
-__all__ = ["MAX_RELATIVE_ERROR", "Rewrites", "Rewritten", "rewrite_encoder", "rewrite_error", "script_to_graph"]
+__all__ = ["MAX_RELATIVE_ERROR", "Rewrites", "Rewritten", "error_line", "rewrite_encoder", "rewrite_error",
+           "script_to_graph"]
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def rewrite_encoder(encoder: Encoder, *, absorb_pool: bool = True, fold_batchnor
     try:
         graph, how = _capture(encoder.module, example)
     except Exception as exc:  # noqa: BLE001 - capture fails in many ways on foreign modules: run it as it is
-        return _unchanged(encoder, "not captured", f"graph not captured ({_first_line(exc)})")
+        return _unchanged(encoder, "not captured", f"graph not captured ({error_line(exc)})")
     if graph is None:
         return _unchanged(encoder, "not captured", how)
     _drop_guards(graph)
@@ -398,6 +399,7 @@ def _relative_error(original: Callable[[torch.Tensor], torch.Tensor], rewritten:
     return float((got - expected).norm() / expected.norm().clamp_min(1e-30))
 
 
-def _first_line(exc: BaseException) -> str:
+def error_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: what a one-line note says about a torch failure."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

@@ -44,6 +44,7 @@ from nic_fast.encoders.rewrite import (
     MAX_RELATIVE_ERROR,
     Rewrites,
     Rewritten,
+    error_line,
     rewrite_encoder,
     rewrite_error,
     script_to_graph,
@@ -389,7 +390,7 @@ class FastEncoder:
             compiled_out, compiled_rate = _timed(compiled, x)
             error = float((compiled_out.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30))
         except Exception as exc:  # noqa: BLE001 - inductor fails in many ways (no compiler, odd ops): stay eager
-            note = f"not compiled ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})"
+            note = f"not compiled ({error_line(exc)})"
             log.warning("encoder %r: %s; running it eagerly", self.spec.name, note)
             self.compile_attrs["note"] = note
             return
